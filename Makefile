@@ -1,0 +1,44 @@
+# The two commands of the README: `make demo` (set up, then `dvc repro` on the demo data) and
+# `make test` (set up, then the test suite). Both install what they need on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+DEBIAN_PACKAGES := dataset-fashion-mnist
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+export HF_HUB_OFFLINE := 1
+
+.PHONY: demo test setup debian lock benchmark clean
+
+demo: setup
+	$(BIN)/dvc repro
+
+test: setup
+	$(BIN)/python -m pytest
+
+setup: debian $(INSTALLED)
+
+debian:
+	@missing=$$(for p in $(DEBIAN_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $$missing; fi
+
+$(INSTALLED): requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -r requirements.lock
+	$(BIN)/pip install --no-deps -e .
+	touch $@
+
+# Re-resolve requirements.in into requirements.lock (needs the network).
+lock:
+	rm -rf $(VENV).lock && $(PYTHON) -m venv $(VENV).lock
+	$(VENV).lock/bin/pip install -q -r requirements.in
+	{ head -1 requirements.lock; $(VENV).lock/bin/pip freeze; } > requirements.lock.new && mv requirements.lock.new requirements.lock
+	rm -rf $(VENV).lock
+
+benchmark: setup
+	$(BIN)/python benchmarks/pretrain_step.py
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,133 @@
+"""Seconds per training step (forward, cross-entropy, backward) of MaPeT, PLM and MIM against a
+plain timm ViT forward+backward on the same backbone and batch, with the FLOP ratios.
+
+    python benchmarks/pretrain_step.py                  # CPU: ViT-T/16 at 224, batch 16, fp32
+    python benchmarks/pretrain_step.py --device cuda    # GPU: ViT-B/16 at 224, batch 128, bf16
+
+Prints one JSON line. Steps of the four models are interleaved and the median is reported, so
+that a noisy machine slows all of them alike; the ratios are what to compare across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import time
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from mapet.masking import default_num_predict, sample_orders
+from mapet.models import create_pretrain_model
+
+VOCAB = 8192
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core peaks
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--backbone", help="timm model (default: ViT-T/16 on CPU, ViT-B/16 on CUDA)")
+    parser.add_argument("--batch", type=int, help="batch size (default: 16 on CPU, 128 on CUDA)")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: on CUDA only)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per model")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model")
+    args = parser.parse_args()
+    cuda = args.device == "cuda"
+    args.backbone = args.backbone or ("vit_base_patch16_224" if cuda else "vit_tiny_patch16_224")
+    args.batch = args.batch or (128 if cuda else 16)
+    args.bf16 = cuda if args.bf16 is None else args.bf16
+    return args
+
+
+def build_steps(args: argparse.Namespace, device: torch.device) -> dict:
+    """name -> a function running one training step on fixed inputs."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(args.batch, 3, 224, 224, generator=generator).to(device)
+    steps = {}
+
+    vit = timm.create_model(args.backbone, num_classes=1000, init_values=0.1, drop_path_rate=0.1).to(device).train()
+    labels = torch.randint(1000, (args.batch,), generator=generator).to(device)
+    steps["vit"] = (vit, lambda: F.cross_entropy(vit(images), labels))
+
+    for objective in ("mapet", "plm", "mim"):
+        model = create_pretrain_model(objective, args.backbone, VOCAB).to(device).train()
+        num_predict = default_num_predict(objective, model.num_patches)
+        order = sample_orders(objective, args.batch, model.grid_size, num_predict, generator).to(device)
+        targets = torch.randint(VOCAB, (args.batch * num_predict,), generator=generator).to(device)
+
+        def loss(model=model, order=order, num_predict=num_predict, targets=targets):
+            return F.cross_entropy(model(images, order, num_predict).flatten(0, 1).float(), targets)
+
+        steps[objective] = (model, loss)
+    return steps
+
+
+def run_step(model, loss_fn, autocast) -> None:
+    model.zero_grad(set_to_none=True)
+    with autocast():
+        loss = loss_fn()
+    loss.backward()
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device visible")
+    torch.manual_seed(0)
+    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.bf16
+                else contextlib.nullcontext)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    steps = build_steps(args, device)
+
+    flops = {}
+    for name, (model, loss_fn) in steps.items():
+        with FlopCounterMode(display=False) as counter:
+            run_step(model, loss_fn, autocast)
+        flops[name] = counter.get_total_flops()
+
+    for _ in range(args.warmup):
+        for model, loss_fn in steps.values():
+            run_step(model, loss_fn, autocast)
+    times = {name: [] for name in steps}
+    peak_memory = {}
+    for _ in range(args.steps):
+        for name, (model, loss_fn) in steps.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            sync()
+            start = time.perf_counter()
+            run_step(model, loss_fn, autocast)
+            sync()
+            times[name].append(time.perf_counter() - start)
+            if device.type == "cuda":
+                peak_memory[name] = torch.cuda.max_memory_allocated() / 2**30
+
+    seconds = {name: statistics.median(values) for name, values in times.items()}
+    result = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+        "backbone": args.backbone, "batch": args.batch, "dtype": "bf16" if args.bf16 else "fp32",
+        "steps": args.steps,
+        "seconds_per_step": {name: round(value, 4) for name, value in seconds.items()},
+        "images_per_s": {name: round(args.batch / value, 1) for name, value in seconds.items()},
+        "ratio_to_vit": {name: round(value / seconds["vit"], 3) for name, value in seconds.items()},
+        "flop_ratio_to_vit": {name: round(value / flops["vit"], 3) for name, value in flops.items()},
+        "gflops_per_step": {name: round(value / 1e9, 1) for name, value in flops.items()},
+    }
+    if device.type == "cuda":
+        result["peak_memory_gib"] = {name: round(value, 2) for name, value in peak_memory.items()}
+        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in result["device"]), None)
+        if peak and args.bf16:
+            result["model_flop_utilisation"] = {name: round(flops[name] / seconds[name] / peak, 3) for name in steps}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

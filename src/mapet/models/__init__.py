@@ -1,0 +1,106 @@
+"""Model factory, checkpoint files and export of the pre-trained backbone to timm.
+
+Files are safetensors with their description in the header metadata, so one file says what it
+holds: ``kind`` ("pretrain" or "backbone"), ``backbone`` (timm model name), ``timm_kwargs``
+(JSON), and for pre-training models ``objective`` and ``vocab_size``. timm loads a backbone file
+directly: ``timm.models.load_checkpoint(model, path, strict=False)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import timm
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from timm.models.vision_transformer import VisionTransformer
+
+from mapet.errors import MapetError
+from mapet.masking import OBJECTIVES
+from mapet.models.pretrain import MaskedImageModel, PretrainModel, TwoStreamModel
+
+__all__ = ["create_pretrain_model", "export_backbone", "load_pretrain_model", "save_backbone",
+           "save_pretrain_model", "PretrainModel", "TwoStreamModel", "MaskedImageModel"]
+
+# METHOD.md section 2: LayerScale 0.1 on both residual branches, stochastic depth up to 0.1.
+BACKBONE_DEFAULTS = {"init_values": 0.1, "drop_path_rate": 0.1}
+
+
+def create_pretrain_model(objective: str, backbone: str, vocab_size: int, **timm_kwargs) -> PretrainModel:
+    """A pre-training model for ``objective`` ("mapet", "plm" or "mim") on a timm ViT.
+
+    ``timm_kwargs`` go to ``timm.create_model`` (img_size, patch_size, depth, embed_dim, ...);
+    LayerScale (init_values) and drop_path_rate default to METHOD.md's 0.1. The backbone is built
+    without a classifier head; the effective arguments are kept as ``model.timm_kwargs`` so that
+    ``timm.create_model(model.backbone_name, **model.timm_kwargs)`` rebuilds the same network.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if vocab_size < 2:
+        raise ValueError(f"vocab_size must be at least 2, got {vocab_size}")
+    kwargs = {**BACKBONE_DEFAULTS, **timm_kwargs}
+    kwargs.pop("num_classes", None)
+    network = timm.create_model(backbone, num_classes=0, **kwargs)
+    if not isinstance(network, VisionTransformer):
+        raise ValueError(f"{backbone!r} is a {type(network).__name__}; pre-training needs a timm VisionTransformer")
+    if objective == "mim":
+        model = MaskedImageModel(network, vocab_size)
+    else:
+        model = TwoStreamModel(network, vocab_size, mask_tokens=objective == "mapet")
+    model.backbone_name = backbone
+    model.timm_kwargs = kwargs
+    return model
+
+
+def export_backbone(model: PretrainModel) -> dict[str, torch.Tensor]:
+    """The backbone's weights: ``timm.create_model(name, **timm_kwargs)`` loads them strictly
+    except for its classifier head (absent here; the backbone was built without one)."""
+    return {name: tensor.detach().clone() for name, tensor in model.backbone.state_dict().items()}
+
+
+def _save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(partial), metadata=metadata)
+    os.replace(partial, path)
+
+
+def _load(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise MapetError(f"{path}: no such file (expected a {kind} model file written by mapet)")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, ValueError, OSError) as error:
+        raise MapetError(f"{path}: not a readable safetensors file ({error})") from error
+    if metadata.get("kind") != kind:
+        raise MapetError(f"{path}: holds a {metadata.get('kind', 'unlabelled')!r} model, expected a {kind!r} model")
+    return tensors, metadata
+
+
+def save_pretrain_model(model: PretrainModel, path: str | os.PathLike) -> None:
+    """Write the whole pre-training model (backbone, mask token, token head) with its description."""
+    _save(model.state_dict(), {"kind": "pretrain", "objective": model.objective, "backbone": model.backbone_name,
+                               "vocab_size": str(model.vocab_size), "timm_kwargs": json.dumps(model.timm_kwargs)},
+          path)
+
+
+def load_pretrain_model(path: str | os.PathLike) -> PretrainModel:
+    tensors, meta = _load(path, "pretrain")
+    model = create_pretrain_model(meta["objective"], meta["backbone"], int(meta["vocab_size"]),
+                                  **json.loads(meta["timm_kwargs"]))
+    model.load_state_dict(tensors)
+    return model
+
+
+def save_backbone(model: PretrainModel, path: str | os.PathLike) -> None:
+    """Write :func:`export_backbone` as a safetensors file that timm can load."""
+    _save(export_backbone(model), {"kind": "backbone", "backbone": model.backbone_name,
+                                   "objective": model.objective, "timm_kwargs": json.dumps(model.timm_kwargs)},
+          path)

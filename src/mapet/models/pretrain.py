@@ -1,0 +1,230 @@
+"""Pre-training models around a stock timm VisionTransformer: MaPeT, PLM and MIM.
+
+All three add only a learned mask embedding (``mask_token``) and a token head (``token_head``,
+Linear(dim -> vocab)) to ``backbone``; every other weight is the backbone's own, so fine-tuning
+loads the backbone as it is.
+
+    logits = model(images, order, num_predict)      # (B, num_predict, vocab)
+
+``logits[b, t]`` belongs to patch ``order[b, N - num_predict + t]`` (see mapet.masking).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
+
+from mapet.masking import ranks_from_orders, two_stream_mask
+
+
+def _heads(attn: Attention, x: torch.Tensor) -> torch.Tensor:
+    """(B, L, heads * head_dim) -> (B, heads, L, head_dim)"""
+    return x.view(x.shape[0], x.shape[1], attn.num_heads, attn.head_dim).transpose(1, 2)
+
+
+def _attention_output(attn: Attention, outs: list[torch.Tensor], rows_in: torch.Tensor) -> torch.Tensor:
+    """The tail of timm's Attention.forward for row groups (B, heads, L_i, head_dim) stacked in
+    order: merge heads, norm, gate, projection."""
+    out = torch.cat([o.transpose(1, 2) for o in outs], dim=1).flatten(2)
+    out = attn.norm(out)
+    if attn.gate is not None:
+        out = out * attn.gate(rows_in).sigmoid()
+    return attn.proj_drop(attn.proj(out))
+
+
+def _drop_path_draw(drop_path: nn.Module, like: torch.Tensor) -> torch.Tensor | None:
+    """One per-image stochastic-depth factor (0 or 1/keep) to apply to both streams, or None."""
+    if isinstance(drop_path, nn.Identity) or not drop_path.training:
+        return None
+    return drop_path(like.new_ones(like.shape[0], 1, 1))
+
+
+def _residual(x: torch.Tensor, branch: torch.Tensor, draw: torch.Tensor | None) -> torch.Tensor:
+    return x + (branch if draw is None else branch * draw)
+
+
+def _two_stream_block(block: Block, content: torch.Tensor, query: torch.Tensor, prefix: int,
+                      predicted_mask: torch.Tensor, query_mask: torch.Tensor,
+                      content_needed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """One timm Block applied to both streams with its own weights.
+
+    Keys and values come from the content stream only. Its first ``prefix`` rows attend to each
+    other and to nothing else, so they take plain unmasked attention; the remaining (predicted)
+    content rows and the query rows attend to the whole content stream under their masks. Both
+    streams share one drop-path draw per image. Without ``content_needed`` (last block) the
+    content stream's output is not computed and the input content is returned as it was.
+    """
+    attn = block.attn
+    width = attn.num_heads * attn.head_dim
+    weight_q, weight_kv = attn.qkv.weight.split([width, 2 * width])
+    bias_q, bias_kv = attn.qkv.bias.split([width, 2 * width]) if attn.qkv.bias is not None else (None, None)
+    dropout = attn.attn_drop.p if attn.training else 0.0
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+
+    content_in, query_in = block.norm1(content), block.norm1(query)
+    if content_needed:
+        q_content, k, v = F.linear(content_in, attn.qkv.weight, attn.qkv.bias).split(width, dim=2)
+        q_content = attn.q_norm(_heads(attn, q_content))
+    else:
+        k, v = F.linear(content_in, weight_kv, bias_kv).split(width, dim=2)
+    k, v = attn.k_norm(_heads(attn, k)), _heads(attn, v)
+    q_query = attn.q_norm(_heads(attn, F.linear(query_in, weight_q, bias_q)))
+
+    draw = _drop_path_draw(block.drop_path1, query)
+    out = attend(q_query, k, v, query_mask)
+    query = _residual(query, block.ls1(_attention_output(attn, [out], query_in)), draw)
+    if content_needed:
+        out_prefix = attend(q_content[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix])
+        out_predicted = attend(q_content[:, :, prefix:], k, v, predicted_mask)
+        content = _residual(content, block.ls1(_attention_output(attn, [out_prefix, out_predicted], content_in)),
+                            draw)
+
+    draw = _drop_path_draw(block.drop_path2, query)
+    query = _residual(query, block.ls2(block.mlp(block.norm2(query))), draw)
+    if content_needed:
+        content = _residual(content, block.ls2(block.mlp(block.norm2(content))), draw)
+    return content, query
+
+
+class PretrainModel(nn.Module):
+    """The backbone plus what every objective adds: a mask embedding and a token head."""
+
+    objective: str
+
+    def __init__(self, backbone: VisionTransformer, vocab_size: int):
+        super().__init__()
+        if backbone.cls_token is None or backbone.num_prefix_tokens != 1 or backbone.no_embed_class:
+            raise ValueError("pre-training needs a timm VisionTransformer with one CLS token, no register "
+                             "tokens and a position embedding that covers CLS (class_token=True, reg_tokens=0, "
+                             "no_embed_class=False)")
+        if backbone.dynamic_img_size:
+            raise ValueError("pre-training needs a fixed image size (dynamic_img_size=False)")
+        if not all(type(block) is Block and type(block.attn) is Attention for block in backbone.blocks):
+            raise ValueError("pre-training needs timm's standard Block and Attention in every layer")
+        self.backbone = backbone
+        self.vocab_size = vocab_size
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, backbone.embed_dim))
+        self.token_head = nn.Linear(backbone.embed_dim, vocab_size)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        nn.init.trunc_normal_(self.token_head.weight, std=0.02)
+        nn.init.zeros_(self.token_head.bias)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return tuple(self.backbone.patch_embed.grid_size)
+
+    @property
+    def num_patches(self) -> int:
+        return self.backbone.patch_embed.num_patches
+
+    def _check(self, images: torch.Tensor, order: torch.Tensor, num_predict: int) -> None:
+        if order.shape != (images.shape[0], self.num_patches):
+            raise ValueError(f"order must have shape (batch, num_patches) = ({images.shape[0]}, {self.num_patches}), "
+                             f"got {tuple(order.shape)}")
+        if not 0 <= num_predict <= self.num_patches:
+            raise ValueError(f"num_predict must be within 0..{self.num_patches}, got {num_predict}")
+
+
+class TwoStreamModel(PretrainModel):
+    r"""MaPeT (``mask_tokens=True``) and PLM (``mask_tokens=False``): permuted prediction.
+
+    With N patches, M of them predicted and C = 1 + N - M context tokens (CLS included), the
+    streams are held in prediction order, each token carrying its own position embedding:
+
+        content stream: [ CLS | C-1 context patches | M mask tokens (MaPeT) | M predicted patches ]
+                          \________________ prefix ________________/
+        query stream:   [ M query rows ]
+
+    Mask tokens and query rows both start as ``mask_token + pos_embed[p]`` for the predicted
+    positions p, in prediction order, so a token's rank is its place in the stream and one mask
+    serves the whole batch and every head. The rules of METHOD.md section 4 are
+    :func:`mapet.masking.two_stream_mask`; in this layout they say that the prefix attends to
+    itself only (every position once: context by its pixels, predicted by its mask token, as in
+    fine-tuning), so it takes plain attention, and only predicted content rows and query rows
+    need a mask.
+    """
+
+    def __init__(self, backbone: VisionTransformer, vocab_size: int, mask_tokens: bool):
+        super().__init__(backbone, vocab_size)
+        self.mask_tokens = mask_tokens
+        self.objective = "mapet" if mask_tokens else "plm"
+
+    def _layout(self, num_predict: int, device: torch.device) -> torch.Tensor:
+        """Index into this layout of each key of :func:`two_stream_mask` for ranks 0..N."""
+        num_context = 1 + self.num_patches - num_predict
+        shift = num_predict if self.mask_tokens else 0
+        ranks = torch.arange(1 + self.num_patches, device=device)
+        content = torch.where(ranks < num_context, ranks, ranks + shift)
+        mask_tokens = torch.arange(num_context, num_context + shift, device=device)
+        return torch.cat([content, mask_tokens])
+
+    def _attention_masks(self, num_predict: int, device: torch.device) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """Prefix length, then the masks of the predicted content rows and of the query rows."""
+        ranks_in_sequence = torch.arange(1 + self.num_patches, device=device)[None]
+        mask = two_stream_mask(ranks_in_sequence, num_predict, self.mask_tokens)[0]
+        mask = mask[:, self._layout(num_predict, device).argsort()]     # columns in stream order
+        num_context = 1 + self.num_patches - num_predict
+        predicted_rows = mask[num_context:1 + self.num_patches]
+        query_rows = mask[mask.shape[0] - num_predict:]
+        return mask.shape[1] - num_predict, predicted_rows, query_rows
+
+    def _streams(self, images: torch.Tensor, order: torch.Tensor, num_predict: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Content stream (B, 1 + N [+ M], dim) and query stream (B, M, dim), as laid out above."""
+        backbone = self.backbone
+        batch, dim = images.shape[0], backbone.embed_dim
+        num_context = 1 + self.num_patches - num_predict
+        pos_cls, pos_patches = backbone.pos_embed[:, :1], backbone.pos_embed[:, 1:]
+        patches = backbone.patch_embed(images) + pos_patches                       # (B, N, dim)
+        patches = patches.gather(1, order[:, :, None].expand(-1, -1, dim))         # rank order
+        query = self.mask_token + pos_patches[0][order[:, num_context - 1:]]       # (B, M, dim)
+        cls = (backbone.cls_token + pos_cls).expand(batch, -1, -1)
+        context, predicted = patches[:, :num_context - 1], patches[:, num_context - 1:]
+        content = torch.cat([cls, context, query, predicted] if self.mask_tokens else [cls, context, predicted], 1)
+        prepare = lambda x: backbone.norm_pre(backbone.pos_drop(x))  # noqa: E731
+        return prepare(content), prepare(query)
+
+    def forward(self, images: torch.Tensor, order: torch.Tensor, num_predict: int) -> torch.Tensor:
+        self._check(images, order, num_predict)
+        content, query = self._streams(images, order, num_predict)
+        masks = self._attention_masks(num_predict, images.device)
+        *blocks, last = self.backbone.blocks
+        for block in blocks:
+            content, query = _two_stream_block(block, content, query, *masks)
+        _, query = _two_stream_block(last, content, query, *masks, content_needed=False)
+        return self.token_head(self.backbone.norm(query))
+
+    def forward_features(self, images: torch.Tensor, order: torch.Tensor,
+                         num_predict: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both streams after the final norm: content (B, 1 + N, dim) in raster order, query (B, M, dim)."""
+        self._check(images, order, num_predict)
+        content, query = self._streams(images, order, num_predict)
+        masks = self._attention_masks(num_predict, images.device)
+        for block in self.backbone.blocks:
+            content, query = _two_stream_block(block, content, query, *masks)
+        stream_index = self._layout(num_predict, images.device)[ranks_from_orders(order)]  # (B, 1 + N)
+        content = content.gather(1, stream_index[:, :, None].expand(-1, -1, content.shape[2]))
+        return self.backbone.norm(content), self.backbone.norm(query)
+
+
+class MaskedImageModel(PretrainModel):
+    """MIM (BEiT): masked patches replaced by ``mask_token``, one stream, full attention."""
+
+    objective = "mim"
+
+    def forward(self, images: torch.Tensor, order: torch.Tensor, num_predict: int) -> torch.Tensor:
+        self._check(images, order, num_predict)
+        backbone = self.backbone
+        batch, dim = images.shape[0], backbone.embed_dim
+        predicted = order[:, self.num_patches - num_predict:]                      # (B, M)
+        masked = torch.zeros(order.shape, dtype=torch.bool, device=order.device).scatter_(1, predicted, True)
+        patches = torch.where(masked[:, :, None], self.mask_token, backbone.patch_embed(images))
+        cls = backbone.cls_token.expand(batch, -1, -1)
+        x = torch.cat([cls, patches], dim=1) + backbone.pos_embed
+        x = backbone.blocks(backbone.norm_pre(backbone.pos_drop(x)))
+        x = x.gather(1, (predicted + 1)[:, :, None].expand(-1, -1, dim))
+        return self.token_head(backbone.norm(x))
