@@ -23,17 +23,74 @@ def _export(args: argparse.Namespace) -> None:
           f"loadable with timm.create_model({model.backbone_name!r}, **timm_kwargs)")
 
 
+def _data_import(args: argparse.Namespace) -> None:
+    from mapet.data.dataset import import_dataset
+    from mapet.data.sources import FORMATS
+
+    params = load_params(args.params)
+    format_name = args.format or param(params, "data.format")
+    if format_name not in FORMATS:
+        raise MapetError(f"unknown format {format_name!r} (choose from {', '.join(FORMATS)})")
+    source_dir = Path(args.source or param(params, "data.source"))
+    out = Path(args.out or param(params, "data.dir"))
+    limits = param(params, "data.max_per_split") or {}
+    source = FORMATS[format_name](source_dir, limits)
+    result = import_dataset(source, out, format_name, args.shard_size or param(params, "data.shard_size"),
+                            workers=args.workers or param(params, "data.workers"))
+    counts = ", ".join(f"{split} {count}" for split, count in result.images.items())
+    print(f"wrote {out}: {counts} images")
+    if result.bad_files:
+        listing = "\n".join(f"  {bad['path']}: {bad['reason']}" for bad in result.bad_files)
+        raise MapetError(f"{len(result.bad_files)} source file(s) could not be imported; they are left out and "
+                         f"recorded in {out}/dataset.json, so validation refuses this dataset until they are "
+                         f"fixed or removed:\n{listing}")
+
+
+def _validate(args: argparse.Namespace) -> None:
+    from mapet.validation import Limits, validate_dataset
+    from mapet.validation.report import summary, write_html, write_json
+
+    params = load_params(args.params)
+    data = Path(args.data or param(params, "data.dir"))
+    report = Path(args.report or param(params, "validate.report_dir"))
+    settings = param(params, "validate")
+    limits = Limits(**{field: settings[field] for field in Limits.__dataclass_fields__ if field in settings})
+    results = validate_dataset(data, limits, workers=args.workers or settings.get("workers", 1))
+    write_json(results, data, report / "validation.json")
+    write_html(results, data, report / "validation.html")
+    print(summary(results, data))
+    print(f"report: {report / 'validation.html'}")
+    if not all(r.success for r in results):
+        raise MapetError(f"{data} fails validation (details in {report / 'validation.html'})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mapet", description="MaPeT pre-training workflow.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, handler, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=help_text)
+    def command(group, name: str, handler, help_text: str) -> argparse.ArgumentParser:
+        sub = group.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("--params", default=DEFAULT_PARAMS, type=Path, help="parameters file (default: %(default)s)")
         sub.set_defaults(handler=handler)
         return sub
 
-    export = command("export", _export, "Write a pre-trained model's backbone as a timm-loadable safetensors file.")
+    data = commands.add_parser("data", help="Dataset commands.", description="Dataset commands.")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    importer = command(data_commands, "import", _data_import,
+                       "Import images into tar shards (WebDataset layout) plus manifest.parquet.")
+    importer.add_argument("--format", help="fashion-mnist or imagefolder (default: data.format)")
+    importer.add_argument("--source", help="source folder (default: data.source)")
+    importer.add_argument("--out", help="dataset folder to write (default: data.dir)")
+    importer.add_argument("--shard-size", type=int, help="images per shard (default: data.shard_size)")
+    importer.add_argument("--workers", type=int, help="decoding processes (default: data.workers)")
+
+    validate = command(commands, "validate", _validate, "Validate a dataset folder with Great Expectations.")
+    validate.add_argument("--data", help="dataset folder (default: data.dir)")
+    validate.add_argument("--report", help="report folder (default: validate.report_dir)")
+    validate.add_argument("--workers", type=int, help="shard-reading processes (default: validate.workers)")
+
+    export = command(commands, "export", _export,
+                     "Write a pre-trained model's backbone as a timm-loadable safetensors file.")
     export.add_argument("--model", type=Path, help="pre-training model file (default: <pretrain.out_dir>/model.safetensors)")
     export.add_argument("--out", type=Path, help="backbone file to write (default: <pretrain.out_dir>/backbone.safetensors)")
     return parser

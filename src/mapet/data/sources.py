@@ -38,7 +38,7 @@ class SourceImage:
 @dataclass(frozen=True)
 class Source:
     classes: list[str]
-    counts: dict[str, int]       # images per split, before any limit
+    counts: dict[str, int]       # images per split that will be yielded
     images: Iterator[SourceImage]
 
 
@@ -81,7 +81,7 @@ def fashion_mnist(source: Path, max_per_split: dict[str, int]) -> Source:
                 yield SourceImage(split, int(labels[index]), f"{source}/{stem}-images-idx3-ubyte.gz[{index}]",
                                   "png", _png(images[index]))
 
-    counts = {split: len(images) for split, (images, _, _) in arrays.items()}
+    counts = {split: min(len(images), max_per_split.get(split, len(images))) for split, (images, _, _) in arrays.items()}
     return Source(FASHION_MNIST_CLASSES, counts, generate())
 
 
@@ -109,7 +109,8 @@ def image_folder(source: Path, max_per_split: dict[str, int]) -> Source:
                 except OSError as error:
                     yield SourceImage(split, label, str(path), suffix, b"", f"unreadable ({error.strerror})")
 
-    return Source(classes, {split: len(paths) for split, paths in files.items()}, generate())
+    counts = {split: min(len(paths), max_per_split.get(split, len(paths))) for split, paths in files.items()}
+    return Source(classes, counts, generate())
 
 
 FORMATS = {"fashion-mnist": fashion_mnist, "imagefolder": image_folder}
