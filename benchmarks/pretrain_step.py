@@ -25,7 +25,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mapet.masking import default_num_predict, sample_orders
 from mapet.models import create_pretrain_model
-from mapet.runtime import keep_freed_memory
 
 VOCAB = 8192
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core peaks
@@ -39,8 +38,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: on CUDA only)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per model")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model")
-    parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
-                        help="raise glibc's mmap/trim thresholds so that large tensors are not page-faulted again at every step (default: on)")
     args = parser.parse_args()
     cuda = args.device == "cuda"
     args.backbone = args.backbone or ("vit_base_patch16_224" if cuda else "vit_tiny_patch16_224")
@@ -81,7 +78,6 @@ def run_step(model, loss_fn, autocast) -> None:
 
 def main() -> None:
     args = parse_args()
-    allocator_tuned = args.keep_freed_memory and keep_freed_memory()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible")
@@ -120,7 +116,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
         "backbone": args.backbone, "batch": args.batch, "dtype": "bf16" if args.bf16 else "fp32",
-        "steps": args.steps, "keep_freed_memory": allocator_tuned,
+        "steps": args.steps,
         "seconds_per_step": {name: round(value, 4) for name, value in seconds.items()},
         "images_per_s": {name: round(args.batch / value, 1) for name, value in seconds.items()},
         "ratio_to_vit": {name: round(value / seconds["vit"], 3) for name, value in seconds.items()},

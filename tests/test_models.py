@@ -3,9 +3,10 @@ import json
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 from mapet.cli import main
-from mapet.masking import sample_orders
+from mapet.masking import ranks_from_orders, sample_orders, two_stream_mask
 from mapet.models import (create_pretrain_model, export_backbone, load_pretrain_model, save_pretrain_model)
 
 TINY = dict(img_size=16, patch_size=4, depth=2, embed_dim=32, num_heads=2, drop_path_rate=0.0)
@@ -69,6 +70,39 @@ def test_logits_shape_and_alignment_with_order(objective):
     order = sample_orders(objective, 3, GRID, 7, torch.Generator().manual_seed(0), min_block=2)
     logits = model(torch.randn(3, 3, 16, 16), order, 7)
     assert logits.shape == (3, 7, VOCAB)
+
+
+def reference_two_stream_logits(model, images, order, num_predict):
+    """METHOD.md section 4 spelled out: raster-order content stream, per-image dense masks."""
+    backbone, dim = model.backbone, model.backbone.embed_dim
+    batch, num_patches = order.shape
+    patches = backbone.patch_embed(images) + backbone.pos_embed[:, 1:]
+    cls = (backbone.cls_token + backbone.pos_embed[:, :1]).expand(batch, -1, -1)
+    query = model.mask_token + backbone.pos_embed[0, 1:][order[:, num_patches - num_predict:]]
+    content = torch.cat([cls, patches, query] if model.mask_tokens else [cls, patches], dim=1)
+    mask = two_stream_mask(ranks_from_orders(order), num_predict, model.mask_tokens)[:, None]
+    heads = lambda t: t.unflatten(2, (block.attn.num_heads, -1)).transpose(1, 2)  # noqa: E731
+    for block in backbone.blocks:
+        rows, num_content = torch.cat([content, query], dim=1), content.shape[1]
+        q, k, v = block.attn.qkv(block.norm1(rows)).split(dim, dim=2)
+        out = F.scaled_dot_product_attention(heads(q), heads(k[:, :num_content]), heads(v[:, :num_content]),
+                                             attn_mask=mask)
+        rows = rows + block.ls1(block.attn.proj(out.transpose(1, 2).flatten(2)))
+        rows = rows + block.ls2(block.mlp(block.norm2(rows)))
+        content, query = rows[:, :num_content], rows[:, num_content:]
+    return model.token_head(backbone.norm(query))
+
+
+@pytest.mark.parametrize("objective", ["mapet", "plm"])
+@pytest.mark.parametrize("num_predict", [1, 7, 12, 16])
+def test_forward_equals_the_rule_table_spelled_out(objective, num_predict):
+    """The rank-ordered layout, plain prefix attention and the last-block shortcut change nothing."""
+    model = tiny(objective).eval()
+    generator = torch.Generator().manual_seed(num_predict)
+    order = sample_orders(objective, 3, GRID, num_predict, generator)
+    images = torch.randn(3, 3, 16, 16, generator=generator)
+    torch.testing.assert_close(model(images, order, num_predict),
+                               reference_two_stream_logits(model, images, order, num_predict), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("objective", ["mapet", "plm"])

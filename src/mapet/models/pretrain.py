@@ -47,24 +47,22 @@ def _residual(x: torch.Tensor, branch: torch.Tensor, draw: torch.Tensor | None) 
 
 
 def _two_stream_block(block: Block, content: torch.Tensor, query: torch.Tensor, prefix: int,
-                      predicted_mask: torch.Tensor, query_mask: torch.Tensor,
-                      content_needed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                      rest_mask: torch.Tensor, content_needed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """One timm Block applied to both streams with its own weights.
 
     Keys and values come from the content stream only. Its first ``prefix`` rows attend to each
     other and to nothing else, so they take plain unmasked attention; the remaining (predicted)
-    content rows and the query rows attend to the whole content stream under their masks. Both
-    streams share one drop-path draw per image. Without ``content_needed`` (last block) the
-    content stream's output is not computed and the input content is returned as it was.
+    content rows and the query rows attend to the whole content stream under ``rest_mask``
+    (their rows stacked in that order). Both streams share one drop-path draw per image.
+    Without ``content_needed`` (last block) only the query rows are computed and the input
+    content is returned as it was.
     """
     attn = block.attn
     width = attn.num_heads * attn.head_dim
     weight_q, weight_kv = attn.qkv.weight.split([width, 2 * width])
     bias_q, bias_kv = attn.qkv.bias.split([width, 2 * width]) if attn.qkv.bias is not None else (None, None)
     dropout = attn.attn_drop.p if attn.training else 0.0
-
-    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    num_query = query.shape[1]
 
     content_in, query_in = block.norm1(content), block.norm1(query)
     if content_needed:
@@ -76,13 +74,18 @@ def _two_stream_block(block: Block, content: torch.Tensor, query: torch.Tensor, 
     q_query = attn.q_norm(_heads(attn, F.linear(query_in, weight_q, bias_q)))
 
     draw = _drop_path_draw(block.drop_path1, query)
-    out = attend(q_query, k, v, query_mask)
-    query = _residual(query, block.ls1(_attention_output(attn, [out], query_in)), draw)
     if content_needed:
-        out_prefix = attend(q_content[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix])
-        out_predicted = attend(q_content[:, :, prefix:], k, v, predicted_mask)
+        q_rest = torch.cat([q_content[:, :, prefix:], q_query], dim=2)
+        out_rest = F.scaled_dot_product_attention(q_rest, k, v, attn_mask=rest_mask, dropout_p=dropout)
+        out_prefix = F.scaled_dot_product_attention(q_content[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix],
+                                                    dropout_p=dropout)
+        out_predicted, out_query = out_rest.split([out_rest.shape[2] - num_query, num_query], dim=2)
         content = _residual(content, block.ls1(_attention_output(attn, [out_prefix, out_predicted], content_in)),
                             draw)
+    else:
+        out_query = F.scaled_dot_product_attention(q_query, k, v, attn_mask=rest_mask[rest_mask.shape[0] - num_query:],
+                                                   dropout_p=dropout)
+    query = _residual(query, block.ls1(_attention_output(attn, [out_query], query_in)), draw)
 
     draw = _drop_path_draw(block.drop_path2, query)
     query = _residual(query, block.ls2(block.mlp(block.norm2(query))), draw)
@@ -163,15 +166,14 @@ class TwoStreamModel(PretrainModel):
         mask_tokens = torch.arange(num_context, num_context + shift, device=device)
         return torch.cat([content, mask_tokens])
 
-    def _attention_masks(self, num_predict: int, device: torch.device) -> tuple[int, torch.Tensor, torch.Tensor]:
-        """Prefix length, then the masks of the predicted content rows and of the query rows."""
+    def _attention_masks(self, num_predict: int, device: torch.device) -> tuple[int, torch.Tensor]:
+        """Prefix length, and the mask of the predicted content rows stacked over the query rows."""
         ranks_in_sequence = torch.arange(1 + self.num_patches, device=device)[None]
         mask = two_stream_mask(ranks_in_sequence, num_predict, self.mask_tokens)[0]
         mask = mask[:, self._layout(num_predict, device).argsort()]     # columns in stream order
         num_context = 1 + self.num_patches - num_predict
-        predicted_rows = mask[num_context:1 + self.num_patches]
-        query_rows = mask[mask.shape[0] - num_predict:]
-        return mask.shape[1] - num_predict, predicted_rows, query_rows
+        rest = torch.cat([mask[num_context:1 + self.num_patches], mask[mask.shape[0] - num_predict:]])
+        return mask.shape[1] - num_predict, rest
 
     def _streams(self, images: torch.Tensor, order: torch.Tensor, num_predict: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Content stream (B, 1 + N [+ M], dim) and query stream (B, M, dim), as laid out above."""
