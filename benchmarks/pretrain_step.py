@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import statistics
 import time
 
 import timm
 import torch
 import torch.nn.functional as F
+from machine import describe_cpu
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -113,7 +113,7 @@ def main() -> None:
 
     seconds = {name: statistics.median(values) for name, values in times.items()}
     result = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else describe_cpu(),
         "threads": torch.get_num_threads(),
         "backbone": args.backbone, "batch": args.batch, "dtype": "bf16" if args.bf16 else "fp32",
         "steps": args.steps,
