@@ -64,6 +64,65 @@ def _validate(args: argparse.Namespace) -> None:
         raise MapetError(f"{data} fails validation (details in {report / 'validation.html'})")
 
 
+def _vit_grid(params: dict) -> tuple[int, int]:
+    side = param(params, "model.img_size") // param(params, "model.patch_size")
+    return side, side
+
+
+def _tokenizer_build(args: argparse.Namespace) -> None:
+    from mapet.tokenizers.codebook import Codebook, KMeansSettings, sample_patch_vectors, save_codebook, train_kmeans
+    from mapet.tokenizers.encoders import create_encoder
+
+    params = load_params(args.params)
+    settings = param(params, "tokenizer")
+    data = Path(args.data or param(params, "data.dir"))
+    out = Path(args.out or param(params, "tokenizer.out_dir"))
+    encoder = create_encoder(param(params, "tokenizer.encoder"))
+    encoder.check_grid(_vit_grid(params))
+    kmeans = KMeansSettings(**{name: settings[name] for name in KMeansSettings.__dataclass_fields__ if name in settings})
+    vectors = sample_patch_vectors(encoder, data, settings.get("split", "train"), param(params, "tokenizer.sample_images"),
+                                   param(params, "tokenizer.max_vectors"), kmeans.seed,
+                                   batch_size=settings.get("batch_size", 64), workers=settings.get("workers", 0))
+    print(f"k-means: {len(vectors)} vectors of dim {vectors.shape[1]} -> k = {kmeans.k} "
+          f"({kmeans.iterations} iterations x {kmeans.restarts} restarts)")
+    centroids, result = train_kmeans(vectors, kmeans)
+    grid, _ = encoder.grid_and_dim()
+    description = encoder.describe()
+    save_codebook(Codebook(centroids, {"encoder": description, "k": kmeans.k, "grid": list(grid),
+                                       "kmeans": vars(kmeans), "vectors": len(vectors), **result}),
+                  out / "codebook.safetensors")
+    print(f"wrote {out / 'codebook.safetensors'}: {kmeans.k} codes from {description['name']} features "
+          f"in {result['kmeans_seconds']} s")
+    if not description["clip"]:
+        print(f"note: {description['note']}")
+
+
+def _tokenize(args: argparse.Namespace) -> None:
+    from mapet.tokenizers.codebook import load_codebook
+    from mapet.tokenizers.encoders import create_encoder
+    from mapet.tokenizers.health import codebook_health, write_health
+    from mapet.tokenizers.tokens import load_tokens, tokenize_dataset
+
+    params = load_params(args.params)
+    data = Path(args.data or param(params, "data.dir"))
+    codebook_path = Path(args.codebook or Path(param(params, "tokenizer.out_dir")) / "codebook.safetensors")
+    out = Path(args.out or param(params, "tokenize.out_dir"))
+    codebook = load_codebook(codebook_path)
+    encoder = create_encoder(param(params, "tokenizer.encoder"))
+    description = tokenize_dataset(encoder, codebook, codebook_path, data, out,
+                                   batch_size=param(params, "tokenize.batch_size"),
+                                   workers=param(params, "tokenize.workers"))
+    tokens, _ = load_tokens(out, data)
+    from mapet.data.dataset import read_manifest
+
+    manifest = read_manifest(data)
+    train = (manifest["split"] == param(params, "tokenizer.split")).to_numpy()
+    metrics, counts = codebook_health(tokens[train], codebook.k)
+    write_health(metrics, counts, out, description["encoder"]["name"])
+    print(f"wrote {out}: {description['rows']} images x {description['grid'][0]}x{description['grid'][1]} tokens; "
+          f"{metrics['codes_used']}/{metrics['codes']} codes used, perplexity {metrics['perplexity']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mapet", description="MaPeT pre-training workflow.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -88,6 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--data", help="dataset folder (default: data.dir)")
     validate.add_argument("--report", help="report folder (default: validate.report_dir)")
     validate.add_argument("--workers", type=int, help="shard-reading processes (default: validate.workers)")
+
+    tokenizer = commands.add_parser("tokenizer", help="Tokenizer commands.", description="Tokenizer commands.")
+    tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")
+    build = command(tokenizer_commands, "build", _tokenizer_build,
+                    "Sample patch features of the training split and run k-means: the k-CLIP codebook.")
+    build.add_argument("--data", help="dataset folder (default: data.dir)")
+    build.add_argument("--out", help="output folder (default: tokenizer.out_dir)")
+
+    tokenize = command(commands, "tokenize", _tokenize,
+                       "Give every patch of every image its nearest codebook id (resumable).")
+    tokenize.add_argument("--data", help="dataset folder (default: data.dir)")
+    tokenize.add_argument("--codebook", help="codebook file (default: <tokenizer.out_dir>/codebook.safetensors)")
+    tokenize.add_argument("--out", help="output folder (default: tokenize.out_dir)")
 
     export = command(commands, "export", _export,
                      "Write a pre-trained model's backbone as a timm-loadable safetensors file.")

@@ -23,10 +23,14 @@ from mapet.errors import MapetError
 
 
 class ShardDataset(IterableDataset):
-    """Yields ``(image, label, key)``: the image as RGB PIL, or transformed by ``transform``."""
+    """Yields ``(image, label, key)``: the image as RGB PIL, or transformed by ``transform``.
+
+    ``shards`` restricts reading to those shards of the split (e.g. the ones left to process).
+    """
 
     def __init__(self, root: str | Path, split: str, transform: Callable | None = None, shuffle: bool = False,
-                 seed: int = 0, rank: int | None = None, world_size: int | None = None):
+                 seed: int = 0, rank: int | None = None, world_size: int | None = None,
+                 shards: list[str] | None = None):
         self.root = Path(root)
         manifest = read_manifest(self.root)
         rows = manifest[manifest["split"] == split]
@@ -34,6 +38,8 @@ class ShardDataset(IterableDataset):
             splits = ", ".join(sorted(manifest["split"].unique()))
             raise MapetError(f"{self.root}: no split {split!r} (it has: {splits})")
         self.split, self.transform, self.shuffle, self.seed = split, transform, shuffle, seed
+        if shards is not None:
+            rows = rows[rows["shard"].isin(shards)]
         self.shards = sorted(rows["shard"].unique())
         self.num_images = len(rows)
         self.rank, self.world_size = rank, world_size
