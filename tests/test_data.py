@@ -176,47 +176,40 @@ def test_label_outside_class_list(dataset, capsys):
     assert code == 2 and failed == {"label: within the class list": ["train_00000002"]}
 
 
-def test_duplicate_across_splits_is_leakage(tmp_path, capsys):
+def import_and_validate(tmp_path, capsys, extra_files, **limits):
+    """The standard image folder plus ``extra_files`` (path under src/ -> bytes), imported and validated."""
     image_folder(tmp_path / "src")
-    leaked = (tmp_path / "src" / "train" / "fox" / "001.png").read_bytes()
-    (tmp_path / "src" / "val" / "fox" / "leaked.png").write_bytes(leaked)
-    params = write_params(tmp_path)
-    assert main(["data", "import", "--params", str(params)]) == 0
-    code, failed, _ = run_validate(params, capsys)
-    assert code == 2 and list(failed) == ["leakage: no image in more than one split"]
-    manifest = read_manifest(tmp_path / "data")
-    expected = manifest[manifest["sha256"] == manifest[manifest["key"] == "val_00000012"]["sha256"].item()]["key"]
-    assert sorted(failed["leakage: no image in more than one split"]) == sorted(expected)
-
-
-def test_duplicate_within_split(tmp_path, capsys):
-    image_folder(tmp_path / "src")
-    copy = (tmp_path / "src" / "train" / "cat" / "000.png").read_bytes()
-    (tmp_path / "src" / "train" / "cat" / "copy.png").write_bytes(copy)
-    params = write_params(tmp_path)
-    assert main(["data", "import", "--params", str(params)]) == 0
-    code, failed, _ = run_validate(params, capsys)
-    assert code == 2 and sorted(failed["duplicates: no image twice within a split"]) == ["train_00000000", "train_00000004"]
-    assert list(failed) == ["duplicates: no image twice within a split"]
-
-
-def test_image_below_minimum_size(tmp_path, capsys):
-    image_folder(tmp_path / "src")
-    (tmp_path / "src" / "val" / "dog" / "tiny.png").write_bytes(png(7, size=(8, 40)))
-    params = write_params(tmp_path)
-    assert main(["data", "import", "--params", str(params)]) == 0
-    code, failed, _ = run_validate(params, capsys)
-    assert code == 2 and failed == {"size: width within 16..64": ["val_00000008"]}
-
-
-def test_class_counts_and_balance(tmp_path, capsys):
-    image_folder(tmp_path / "src")
-    for extra in range(6):
-        (tmp_path / "src" / "train" / "cat" / f"x{extra}.png").write_bytes(png(1000 + extra))
-    params = write_params(tmp_path, min_images_per_class=5)
+    for name, data in extra_files.items():
+        (tmp_path / "src" / name).write_bytes(data)
+    params = write_params(tmp_path, **limits)
     assert main(["data", "import", "--params", str(params)]) == 0
     code, failed, _ = run_validate(params, capsys)
     assert code == 2
+    return failed, read_manifest(tmp_path / "data")
+
+
+def test_duplicate_across_splits_is_leakage(tmp_path, capsys):
+    leaked = png(2)  # the second image written by image_folder: train/cat/001.png
+    failed, manifest = import_and_validate(tmp_path, capsys, {"val/fox/leaked.png": leaked})
+    assert list(failed) == ["leakage: no image in more than one split"]
+    expected = manifest[manifest["sha256"] == manifest[manifest["key"] == "val_00000012"]["sha256"].item()]["key"]
+    assert sorted(failed["leakage: no image in more than one split"]) == sorted(expected) == [
+        "train_00000001", "val_00000012"]
+
+
+def test_duplicate_within_split(tmp_path, capsys):
+    failed, _ = import_and_validate(tmp_path, capsys, {"train/cat/copy.png": png(1)})
+    assert failed == {"duplicates: no image twice within a split": ["train_00000000", "train_00000004"]}
+
+
+def test_image_below_minimum_size(tmp_path, capsys):
+    failed, _ = import_and_validate(tmp_path, capsys, {"val/dog/tiny.png": png(7, size=(8, 40))})
+    assert failed == {"size: width within 16..64": ["val_00000008"]}
+
+
+def test_class_counts_and_balance(tmp_path, capsys):
+    extra = {f"train/cat/x{i}.png": png(1000 + i) for i in range(6)}
+    failed, _ = import_and_validate(tmp_path, capsys, extra, min_images_per_class=5)
     assert sorted(failed["classes: at least 5 images per class and split"]) == [
         "train/dog", "train/fox", "val/cat", "val/dog", "val/fox"]
     assert sorted(failed["classes: balanced (each at least 50% of its split's largest)"]) == ["train/dog", "train/fox"]
