@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from mapet.errors import MapetError
-from mapet.params import DEFAULT_PARAMS, load_params, param
+from mapet.params import DEFAULT_PARAMS, load_params, param, settings
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -53,9 +54,9 @@ def _validate(args: argparse.Namespace) -> None:
     params = load_params(args.params)
     data = Path(args.data or param(params, "data.dir"))
     report = Path(args.report or param(params, "validate.report_dir"))
-    settings = param(params, "validate")
-    limits = Limits(**{field: settings[field] for field in Limits.__dataclass_fields__ if field in settings})
-    results = validate_dataset(data, limits, workers=args.workers or settings.get("workers", 1))
+    section = param(params, "validate")
+    limits = settings("validate", section, Limits, ignore=("report_dir", "workers"))
+    results = validate_dataset(data, limits, workers=args.workers or section.get("workers", 1))
     write_json(results, data, report / "validation.json")
     write_html(results, data, report / "validation.html")
     print(summary(results, data))
@@ -74,15 +75,16 @@ def _tokenizer_build(args: argparse.Namespace) -> None:
     from mapet.tokenizers.encoders import create_encoder
 
     params = load_params(args.params)
-    settings = param(params, "tokenizer")
+    section = param(params, "tokenizer")
     data = Path(args.data or param(params, "data.dir"))
     out = Path(args.out or param(params, "tokenizer.out_dir"))
     encoder = create_encoder(param(params, "tokenizer.encoder"))
     encoder.check_grid(_vit_grid(params))
-    kmeans = KMeansSettings(**{name: settings[name] for name in KMeansSettings.__dataclass_fields__ if name in settings})
-    vectors = sample_patch_vectors(encoder, data, settings.get("split", "train"), param(params, "tokenizer.sample_images"),
-                                   param(params, "tokenizer.max_vectors"), kmeans.seed,
-                                   batch_size=settings.get("batch_size", 64), workers=settings.get("workers", 0))
+    kmeans = settings("tokenizer", {k: v for k, v in section.items() if k in KMeansSettings.__dataclass_fields__},
+                      KMeansSettings)
+    vectors = sample_patch_vectors(encoder, data, section.get("split", "train"), int(param(params, "tokenizer.sample_images")),
+                                   int(param(params, "tokenizer.max_vectors")), kmeans.seed,
+                                   batch_size=section.get("batch_size", 64), workers=section.get("workers", 0))
     print(f"k-means: {len(vectors)} vectors of dim {vectors.shape[1]} -> k = {kmeans.k} "
           f"({kmeans.iterations} iterations x {kmeans.restarts} restarts)")
     centroids, result = train_kmeans(vectors, kmeans)
@@ -123,6 +125,22 @@ def _tokenize(args: argparse.Namespace) -> None:
           f"{metrics['codes_used']}/{metrics['codes']} codes used, perplexity {metrics['perplexity']}")
 
 
+def _pretrain(args: argparse.Namespace) -> None:
+    from mapet.engine.pretrain import run_pretrain, settings_from_params
+
+    params = load_params(args.params)
+    config = settings_from_params(param(params, "pretrain"), param(params, "model"))
+    if args.objective:
+        config.objective = args.objective
+    data = Path(args.data or param(params, "data.dir"))
+    tokens = Path(args.tokens or param(params, "tokenize.out_dir"))
+    out = Path(args.out or param(params, "pretrain.out_dir"))
+    metrics = run_pretrain(config, data, tokens, out, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"wrote {out}: model.safetensors, backbone.safetensors; final loss {metrics['loss']}, "
+              f"token accuracy {metrics['token_accuracy']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mapet", description="MaPeT pre-training workflow.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -160,6 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     tokenize.add_argument("--data", help="dataset folder (default: data.dir)")
     tokenize.add_argument("--codebook", help="codebook file (default: <tokenizer.out_dir>/codebook.safetensors)")
     tokenize.add_argument("--out", help="output folder (default: tokenize.out_dir)")
+
+    pretrain = command(commands, "pretrain", _pretrain,
+                       "Pre-train the ViT (MaPeT, PLM or MIM) on DeepSpeed; run it under torchrun for several processes.")
+    pretrain.add_argument("--objective", choices=["mapet", "plm", "mim"], help="(default: pretrain.objective)")
+    pretrain.add_argument("--data", help="dataset folder (default: data.dir)")
+    pretrain.add_argument("--tokens", help="token folder (default: tokenize.out_dir)")
+    pretrain.add_argument("--out", help="output folder (default: pretrain.out_dir)")
+    pretrain.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/latest if present")
 
     export = command(commands, "export", _export,
                      "Write a pre-trained model's backbone as a timm-loadable safetensors file.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -35,3 +36,24 @@ def param(params: dict[str, Any], dotted: str) -> Any:
             raise MapetError(f"{params.get('_path', 'params')}: missing field {dotted!r}")
         value = value[part]
     return value
+
+
+def settings(section: str, values: dict[str, Any], cls: type, ignore: tuple[str, ...] = ()) -> Any:
+    """``cls(**values)`` for a dataclass of settings, with each number coerced to the type of the
+    field's default (YAML reads ``1e-3`` as a string). Unknown names and bad values are errors
+    naming ``section.field``."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(fields) - set(ignore)
+    if unknown:
+        raise MapetError(f"params: unknown setting(s) {', '.join(f'{section}.{name}' for name in sorted(unknown))}")
+    typed = {}
+    for name, value in values.items():
+        if name in ignore:
+            continue
+        default = fields[name].default
+        kind = type(default) if isinstance(default, (int, float)) and not isinstance(default, bool) else None
+        try:
+            typed[name] = kind(value) if kind is not None and value is not None else value
+        except (TypeError, ValueError) as error:
+            raise MapetError(f"params: {section}.{name} must be a number, got {value!r}") from error
+    return cls(**typed)

@@ -84,11 +84,14 @@ def _load(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.Tensor], 
     return tensors, metadata
 
 
-def save_pretrain_model(model: PretrainModel, path: str | os.PathLike) -> None:
-    """Write the whole pre-training model (backbone, mask token, token head) with its description."""
-    _save(model.state_dict(), {"kind": "pretrain", "objective": model.objective, "backbone": model.backbone_name,
-                               "vocab_size": str(model.vocab_size), "timm_kwargs": json.dumps(model.timm_kwargs)},
-          path)
+def save_pretrain_model(model: PretrainModel, path: str | os.PathLike, provenance: dict | None = None) -> None:
+    """Write the whole pre-training model (backbone, mask token, token head) with its description
+    and, optionally, where it came from (tokenizer, data version) as JSON under ``provenance``."""
+    metadata = {"kind": "pretrain", "objective": model.objective, "backbone": model.backbone_name,
+                "vocab_size": str(model.vocab_size), "timm_kwargs": json.dumps(model.timm_kwargs)}
+    if provenance is not None:
+        metadata["provenance"] = json.dumps(provenance)
+    _save(model.state_dict(), metadata, path)
 
 
 def load_pretrain_model(path: str | os.PathLike) -> PretrainModel:

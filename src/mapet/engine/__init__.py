@@ -1,0 +1,1 @@
+"""Training loops on DeepSpeed: pre-training now; fine-tuning and evaluation build on the same parts."""
