@@ -1,0 +1,133 @@
+"""Pre-training on real DeepSpeed (gloo on the CPU), in subprocesses as a user would run it."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mapet.cli import main
+
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+TINY_VIT = {"backbone": "vit_tiny_patch16_224", "img_size": 28, "patch_size": 4, "depth": 2, "embed_dim": 32,
+            "num_heads": 2, "init_values": 0.1, "drop_path_rate": 0.1}
+
+pytestmark = pytest.mark.slow
+
+
+def write_params(folder: Path, data: Path, tokens: Path, **pretrain) -> Path:
+    params = {
+        "data": {"dir": str(data), "format": "fashion-mnist", "source": FASHION_MNIST,
+                 "max_per_split": {"train": 64, "test": 16}, "shard_size": 8, "workers": 1},
+        "model": TINY_VIT,
+        "tokenizer": {"encoder": {"kind": "efficientnet-lite0", "input_size": 112}, "split": "train",
+                      "sample_images": 32, "max_vectors": 800, "k": 16, "iterations": 5, "restarts": 1,
+                      "seed": 0, "batch_size": 16, "workers": 0, "out_dir": str(folder / "tokenizer")},
+        "tokenize": {"batch_size": 16, "workers": 0, "out_dir": str(tokens)},
+        "pretrain": {"objective": "mapet", "epochs": 2, "batch_size": 16, "micro_batch_size": 8, "lr": 1e-3,
+                     "warmup_epochs": 0.5, "zero_stage": 1, "seed": 7, "workers": 2, "checkpoint_every": 2,
+                     "out_dir": str(folder / "out"), **pretrain},
+    }
+    path = folder / "params.yaml"
+    path.write_text(json.dumps(params))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pretrain-data")
+    params = write_params(folder, folder / "data", folder / "tokens")
+    for command in (["data", "import"], ["tokenizer", "build"], ["tokenize"]):
+        assert main([*command, "--params", str(params)]) == 0
+    return folder / "data", folder / "tokens"
+
+
+def launch(params: Path, processes: int = 1, resume: bool = False) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "mapet.cli", "pretrain", "--params", str(params)] + (["--resume"] if resume else [])
+    if processes > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                   "-m", "mapet.cli", "pretrain", "--params", str(params)]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process: subprocess.Popen) -> str:
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def history(folder: Path) -> list[dict]:
+    return json.loads((folder / "out" / "history.json").read_text())
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "out" / "model.safetensors"))
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tokens, tmp_path):
+    data, token_dir = tokens
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    # one process: 2 DataLoader workers, 2 micro-batches of 8 per step; two processes: 1 worker, 1 micro-batch each
+    output = finish(launch(write_params(one, data, token_dir, workers=2)))
+    assert "1 rank(s) x 2 reader(s)" in output and "tokens from EfficientNet-Lite0 (k = 16, not CLIP)" in output
+    output = finish(launch(write_params(two, data, token_dir, workers=1), processes=2))
+    assert "2 rank(s) x 1 reader(s)" in output
+    steps_one, steps_two = history(one), history(two)
+    assert len(steps_one) == len(steps_two) == 8  # 64 images, global batch 16, 2 epochs
+    for a, b in zip(steps_one, steps_two):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4) and a["lr"] == pytest.approx(b["lr"])
+    assert steps_one[-1]["loss"] < steps_one[0]["loss"]
+    for name, tensor in weights(one).items():
+        torch.testing.assert_close(tensor, weights(two)[name], rtol=1e-4, atol=1e-5)
+    metrics = json.loads((one / "out" / "metrics.json").read_text())
+    assert metrics["steps"] == 8 and 0 <= metrics["token_accuracy"] <= 1
+
+
+def test_killed_run_resumes_to_the_same_weights(tokens, tmp_path):
+    data, token_dir = tokens
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    whole.mkdir(), killed.mkdir()
+    settings = {"epochs": 6, "workers": 1, "checkpoint_every": 3}  # 24 steps, checkpoints every 3
+    finish(launch(write_params(whole, data, token_dir, **settings)))
+
+    params = write_params(killed, data, token_dir, **settings)
+    process = launch(params)
+    latest = killed / "out" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    while not (latest.is_file() and latest.read_text() >= "step00000006") and process.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (killed / "out" / "model.safetensors").exists()
+
+    output = finish(launch(params, resume=True))
+    assert "from step" in output
+    assert history(killed) == history(whole)
+    for name, tensor in weights(whole).items():
+        torch.testing.assert_close(weights(killed)[name], tensor, rtol=0, atol=1e-6)
+
+
+def test_token_file_for_other_data_is_refused_before_training(tokens, tmp_path, capsys):
+    _, token_dir = tokens
+    other = tmp_path / "other"
+    params = write_params(tmp_path, other, token_dir)
+    config = json.loads(params.read_text())
+    config["data"]["max_per_split"] = {"train": 40, "test": 8}
+    params.write_text(json.dumps(config))
+    assert main(["data", "import", "--params", str(params)]) == 0
+    started = time.monotonic()
+    assert main(["pretrain", "--params", str(params)]) == 2
+    assert "made for another manifest" in capsys.readouterr().err
+    assert time.monotonic() - started < 5 and not (tmp_path / "out").exists()
