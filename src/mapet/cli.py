@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from mapet.errors import MapetError
-from mapet.params import DEFAULT_PARAMS, load_params, param, settings
+from mapet.params import DEFAULT_PARAMS, build_settings, load_params, param
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -55,7 +55,7 @@ def _validate(args: argparse.Namespace) -> None:
     data = Path(args.data or param(params, "data.dir"))
     report = Path(args.report or param(params, "validate.report_dir"))
     section = param(params, "validate")
-    limits = settings("validate", section, Limits, ignore=("report_dir", "workers"))
+    limits = build_settings("validate", section, Limits, ignore=("report_dir", "workers"))
     results = validate_dataset(data, limits, workers=args.workers or section.get("workers", 1))
     write_json(results, data, report / "validation.json")
     write_html(results, data, report / "validation.html")
@@ -80,7 +80,7 @@ def _tokenizer_build(args: argparse.Namespace) -> None:
     out = Path(args.out or param(params, "tokenizer.out_dir"))
     encoder = create_encoder(param(params, "tokenizer.encoder"))
     encoder.check_grid(_vit_grid(params))
-    kmeans = settings("tokenizer", {k: v for k, v in section.items() if k in KMeansSettings.__dataclass_fields__},
+    kmeans = build_settings("tokenizer", {k: v for k, v in section.items() if k in KMeansSettings.__dataclass_fields__},
                       KMeansSettings)
     vectors = sample_patch_vectors(encoder, data, section.get("split", "train"), int(param(params, "tokenizer.sample_images")),
                                    int(param(params, "tokenizer.max_vectors")), kmeans.seed,

@@ -38,7 +38,7 @@ def param(params: dict[str, Any], dotted: str) -> Any:
     return value
 
 
-def settings(section: str, values: dict[str, Any], cls: type, ignore: tuple[str, ...] = ()) -> Any:
+def build_settings(section: str, values: dict[str, Any], cls: type, ignore: tuple[str, ...] = ()) -> Any:
     """``cls(**values)`` for a dataclass of settings, with each number coerced to the type of the
     field's default (YAML reads ``1e-3`` as a string). Unknown names and bad values are errors
     naming ``section.field``."""

@@ -12,9 +12,6 @@ with one worker each.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from itertools import islice
@@ -31,16 +28,15 @@ from tqdm import tqdm
 from mapet.data.dataset import read_manifest
 from mapet.data.reader import ShardDataset
 from mapet.data.transforms import pretrain_transform
+from mapet.engine.common import (checkpoint, deepspeed_config, micro_batch_seed, resume_state, write_json)
+from mapet.engine.common import steps_per_epoch as plan_steps
 from mapet.engine.distributed import init_distributed, teardown
 from mapet.engine.optim import parameter_groups, warmup_cosine
 from mapet.errors import MapetError
 from mapet.masking import default_num_predict, sample_orders
 from mapet.models import create_pretrain_model, save_backbone, save_pretrain_model
-from mapet.params import settings
+from mapet.params import build_settings
 from mapet.tokenizers.tokens import load_tokens
-
-LATEST = "latest"
-
 
 @dataclass
 class PretrainSettings:
@@ -71,27 +67,6 @@ class PretrainSettings:
     keep_checkpoints: int = 2
 
 
-def _readers_plan(manifest, split: str, readers: int, micro: int) -> int:
-    """Full micro-batches the poorest reader can supply in an epoch."""
-    rows = manifest[manifest["split"] == split]
-    shards = sorted(rows["shard"].unique())
-    if len(shards) < readers:
-        raise MapetError(f"split {split!r} has {len(shards)} shards for {readers} readers (ranks x DataLoader "
-                         f"workers): lower pretrain.workers or re-import with a smaller data.shard_size")
-    sizes = rows.groupby("shard").size()
-    return int(min(sum(sizes[s] for s in shards[r::readers]) // micro for r in range(readers)))
-
-
-def _seed(settings: PretrainSettings, virtual_micro: int) -> int:
-    return settings.seed * 1_000_003 + virtual_micro
-
-
-def _write_json(path: Path, document: Any) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(document, indent=2) + "\n")
-    os.replace(partial, path)
-
-
 def run_pretrain(settings: PretrainSettings, data: Path, tokens_dir: Path, out: Path, resume: bool = False,
                  progress: bool = True) -> dict[str, Any]:
     import deepspeed
@@ -106,16 +81,8 @@ def run_pretrain(settings: PretrainSettings, data: Path, tokens_dir: Path, out: 
     rank, world, device = init_distributed()
     try:
         workers = max(1, settings.workers)
-        accum, remainder = divmod(settings.batch_size, settings.micro_batch_size * world)
-        if remainder or accum < 1:
-            raise MapetError(f"pretrain.batch_size {settings.batch_size} is not a multiple of micro_batch_size "
-                             f"{settings.micro_batch_size} x {world} ranks")
-        batches = _readers_plan(manifest, settings.split, world * workers, settings.micro_batch_size)
-        steps_per_epoch = batches * workers // accum
-        while steps_per_epoch * accum % workers:  # every worker supplies the same number of batches
-            steps_per_epoch -= 1
-        if steps_per_epoch < 1:
-            raise MapetError(f"split {settings.split!r} is too small for a global batch of {settings.batch_size}")
+        steps_per_epoch, accum = plan_steps(manifest, settings.split, world, workers, settings.micro_batch_size,
+                                            settings.batch_size)
         total_steps = settings.epochs * steps_per_epoch
 
         torch.manual_seed(settings.seed)
@@ -126,17 +93,13 @@ def run_pretrain(settings: PretrainSettings, data: Path, tokens_dir: Path, out: 
         scheduler = warmup_cosine(optimizer, settings.lr, round(settings.warmup_epochs * steps_per_epoch),
                                   total_steps, settings.warmup_lr, settings.min_lr)
         bf16 = device.type == "cuda" if settings.bf16 is None else settings.bf16
-        config = {"train_micro_batch_size_per_gpu": settings.micro_batch_size, "gradient_accumulation_steps": accum,
-                  "gradient_clipping": settings.grad_clip, "zero_optimization": {"stage": settings.zero_stage},
-                  "bf16": {"enabled": bf16}, "steps_per_print": 10**12}
+        config = deepspeed_config(settings.micro_batch_size, accum, settings.grad_clip, settings.zero_stage, bf16)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=config)
 
         checkpoints = out / "checkpoints"
-        step, history = 0, []
-        if resume and (checkpoints / LATEST).is_file():
-            _, state = engine.load_checkpoint(str(checkpoints))
-            step, history = state["global_step"], state["history"]
+        state = resume_state(engine, checkpoints) if resume else None
+        step, history = (state["global_step"], state["history"]) if state else (0, [])
         if rank == 0:
             print(f"pretrain {settings.objective}: {settings.backbone} {model.grid_size[0]}x{model.grid_size[1]} "
                   f"patches, {num_predict} predicted; tokens from {token_info['encoder']['name']} "
@@ -158,13 +121,13 @@ def run_pretrain(settings: PretrainSettings, data: Path, tokens_dir: Path, out: 
                 totals = torch.zeros(3, device=device)                              # loss sum, correct, predicted
                 for micro in range(accum):
                     images, _, keys = next(micro_batches)
-                    virtual = ((step * accum + micro) * world + rank)
-                    generator = torch.Generator().manual_seed(_seed(settings, virtual))
+                    seed = micro_batch_seed(settings.seed, step, micro, accum, world, rank)
+                    generator = torch.Generator().manual_seed(seed)
                     order = sample_orders(settings.objective, len(keys), model.grid_size, num_predict, generator,
                                           min_block=settings.mim_min_block)
                     targets = torch.from_numpy(tokens[[row_of[k] for k in keys]].astype(np.int64))
                     targets = targets.gather(1, order[:, model.num_patches - num_predict:])
-                    torch.manual_seed(_seed(settings, virtual) + 1)                 # dropout and drop path
+                    torch.manual_seed(seed + 1)                                     # dropout and drop path
                     images, order, targets = images.to(device), order.to(device), targets.to(device)
                     logits = engine(images.to(torch.bfloat16) if bf16 else images, order, num_predict)
                     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
@@ -184,7 +147,7 @@ def run_pretrain(settings: PretrainSettings, data: Path, tokens_dir: Path, out: 
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
                                 img_s=f"{images_seen / (time.perf_counter() - started):.0f}")
                 if step % settings.checkpoint_every == 0 or step == total_steps:
-                    _checkpoint(engine, checkpoints, step, history, rank, settings.keep_checkpoints)
+                    checkpoint(engine, checkpoints, step, history, rank, settings.keep_checkpoints)
         bar.close()
 
         metrics = {"objective": settings.objective, "steps": step, "loss": history[-1]["loss"],
@@ -194,26 +157,11 @@ def run_pretrain(settings: PretrainSettings, data: Path, tokens_dir: Path, out: 
             provenance = {"tokens": {k: token_info[k] for k in ("encoder", "k", "manifest_sha256", "codebook_sha256")}}
             save_pretrain_model(engine.module, out / "model.safetensors", provenance)
             save_backbone(engine.module, out / "backbone.safetensors")
-            _write_json(out / "metrics.json", metrics)
-            _write_json(out / "history.json", history)
+            write_json(out / "metrics.json", metrics)
+            write_json(out / "history.json", history)
         return metrics
     finally:
         teardown()
-
-
-def _checkpoint(engine, folder: Path, step: int, history: list, rank: int, keep: int) -> None:
-    """Every rank writes its part; only then does rank 0 point ``latest`` at it."""
-    tag = f"step{step:08d}"
-    engine.save_checkpoint(str(folder), tag=tag, client_state={"global_step": step, "history": history},
-                           save_latest=False)
-    dist.barrier()
-    if rank == 0:
-        partial = folder / (LATEST + ".partial")
-        partial.write_text(tag)
-        os.replace(partial, folder / LATEST)
-        for old in sorted(p for p in folder.glob("step*") if p.is_dir())[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
 
 
 def settings_from_params(pretrain: dict, model: dict) -> PretrainSettings:
@@ -221,6 +169,6 @@ def settings_from_params(pretrain: dict, model: dict) -> PretrainSettings:
     for required in ("img_size", "patch_size"):
         if required not in model_kwargs:
             raise MapetError(f"params: model.{required} is required")
-    result = settings("pretrain", pretrain, PretrainSettings, ignore=("out_dir",))
+    result = build_settings("pretrain", pretrain, PretrainSettings, ignore=("out_dir",))
     result.backbone, result.model_kwargs = model.get("backbone", result.backbone), model_kwargs
     return result

@@ -1,0 +1,79 @@
+"""What the training loops share: step planning, DeepSpeed set-up, checkpoints, JSON outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from mapet.errors import MapetError
+
+LATEST = "latest"
+
+
+def readers_plan(manifest, split: str, readers: int, micro: int) -> int:
+    """Full micro-batches the poorest reader can supply in an epoch."""
+    rows = manifest[manifest["split"] == split]
+    shards = sorted(rows["shard"].unique())
+    if len(shards) < readers:
+        raise MapetError(f"split {split!r} has {len(shards)} shards for {readers} readers (ranks x DataLoader "
+                         f"workers): lower pretrain.workers or re-import with a smaller data.shard_size")
+    sizes = rows.groupby("shard").size()
+    return int(min(sum(sizes[s] for s in shards[r::readers]) // micro for r in range(readers)))
+
+
+def steps_per_epoch(manifest, split: str, world: int, workers: int, micro: int, batch: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, gradient accumulation) for a global ``batch`` of micro-batches
+    ``micro`` per rank, every (rank, worker) reader supplying the same number of full batches."""
+    accum, remainder = divmod(batch, micro * world)
+    if remainder or accum < 1:
+        raise MapetError(f"batch_size {batch} is not a multiple of micro_batch_size {micro} x {world} ranks")
+    steps = readers_plan(manifest, split, world * workers, micro) * workers // accum
+    while steps * accum % workers:
+        steps -= 1
+    if steps < 1:
+        raise MapetError(f"split {split!r} is too small for a global batch of {batch}")
+    return steps, accum
+
+
+def deepspeed_config(micro: int, accum: int, grad_clip: float, zero_stage: int, bf16: bool) -> dict[str, Any]:
+    return {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
+            "gradient_clipping": grad_clip, "zero_optimization": {"stage": zero_stage},
+            "bf16": {"enabled": bf16}, "steps_per_print": 10**12}
+
+
+def micro_batch_seed(seed: int, step: int, micro: int, accum: int, world: int, rank: int) -> int:
+    """The same for a micro-batch whichever (rank, micro-batch) reads it: see mapet.engine.pretrain."""
+    return seed * 1_000_003 + (step * accum + micro) * world + rank
+
+
+def write_json(path: Path, document: Any) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(document, indent=2) + "\n")
+    os.replace(partial, path)
+
+
+def checkpoint(engine, folder: Path, step: int, history: list, rank: int, keep: int) -> None:
+    """Every rank writes its part; only then does rank 0 point ``latest`` at it."""
+    tag = f"step{step:08d}"
+    engine.save_checkpoint(str(folder), tag=tag, client_state={"global_step": step, "history": history},
+                           save_latest=False)
+    dist.barrier()
+    if rank == 0:
+        partial = folder / (LATEST + ".partial")
+        partial.write_text(tag)
+        os.replace(partial, folder / LATEST)
+        for old in sorted(p for p in folder.glob("step*") if p.is_dir())[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def resume_state(engine, folder: Path) -> dict[str, Any] | None:
+    if not (folder / LATEST).is_file():
+        return None
+    _, state = engine.load_checkpoint(str(folder))
+    return state
