@@ -113,7 +113,7 @@ def test_killed_run_resumes_to_the_same_weights(tokens, tmp_path):
     assert not (killed / "out" / "model.safetensors").exists()
 
     output = finish(launch(params, resume=True))
-    assert "from step" in output
+    assert "resuming at step" in output
     assert history(killed) == history(whole)
     for name, tensor in weights(whole).items():
         torch.testing.assert_close(weights(killed)[name], tensor, rtol=0, atol=1e-6)
@@ -131,3 +131,67 @@ def test_token_file_for_other_data_is_refused_before_training(tokens, tmp_path, 
     assert main(["pretrain", "--params", str(params)]) == 2
     assert "made for another manifest" in capsys.readouterr().err
     assert time.monotonic() - started < 5 and not (tmp_path / "out").exists()
+
+
+def test_finetune_loads_every_backbone_weight(tmp_path):
+    from mapet.engine.finetune import build_classifier, settings_from_params
+    from mapet.models import create_pretrain_model, save_backbone
+
+    pretrained = create_pretrain_model("mapet", "vit_tiny_patch16_224", 16,
+                                       **{k: v for k, v in TINY_VIT.items() if k != "backbone"})
+    save_backbone(pretrained, tmp_path / "backbone.safetensors")
+    settings = settings_from_params({"drop_path_rate": 0.1}, TINY_VIT)
+    model, _, loaded = build_classifier(settings, 10, tmp_path / "backbone.safetensors")
+    source = pretrained.backbone.state_dict()
+    fresh = {name for name, _ in model.named_parameters()} - set(loaded)
+    assert fresh == {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
+    for name in loaded:
+        assert torch.equal(model.state_dict()[name], source[name]), name
+
+    from safetensors.torch import save_file
+    tensors = load_file(str(tmp_path / "backbone.safetensors"))
+    del tensors["blocks.1.mlp.fc2.weight"]
+    save_file(tensors, str(tmp_path / "broken.safetensors"), metadata={"kind": "backbone"})
+    with pytest.raises(Exception, match=r"missing \['blocks.1.mlp.fc2.weight'\]"):
+        build_classifier(settings, 10, tmp_path / "broken.safetensors")
+
+
+def test_classification_metrics_on_fixed_logits():
+    from mapet.engine.evaluate import classification_metrics
+
+    classes = ["a", "b", "c", "d", "e", "f"]
+    labels = torch.tensor([0, 0, 1, 2, 5, 5])
+    logits = torch.full((6, 6), -10.0)
+    ranking = [[0, 1, 2, 3, 4, 5], [1, 0, 2, 3, 4, 5], [1, 2, 0, 3, 4, 5],
+               [2, 3, 4, 5, 0, 1], [0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]]
+    for row, order in enumerate(ranking):
+        for place, label in enumerate(order):
+            logits[row, label] = 10.0 - place
+    metrics, confusion = classification_metrics(logits, labels, classes)
+    assert metrics["top1"] == round(4 / 6, 5)  # rows 0, 2, 3, 5 (metrics are rounded to 5 places)
+    assert metrics["top5"] == round(5 / 6, 5)  # row 4: label 5 ranks sixth
+    assert metrics["per_class_accuracy"] == {"a": 0.5, "b": 1.0, "c": 1.0, "f": 0.5}  # d, e: no images
+    assert confusion[0].tolist() == [1, 1, 0, 0, 0, 0] and confusion[5].tolist() == [1, 0, 0, 0, 0, 1]
+    assert confusion.sum() == 6
+
+
+def test_finetune_then_evaluate_end_to_end(tokens, tmp_path):
+    data, token_dir = tokens
+    params = write_params(tmp_path, data, token_dir)
+    config = json.loads(params.read_text())
+    config["finetune"] = {"epochs": 1, "batch_size": 16, "micro_batch_size": 8, "lr": 1e-3, "workers": 1,
+                          "checkpoint_every": 2, "out_dir": str(tmp_path / "ft")}
+    config["evaluate"] = {"split": "test", "crop_pct": 0.875, "batch_size": 8, "workers": 0,
+                          "out_dir": str(tmp_path / "ev")}
+    params.write_text(json.dumps(config))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "mapet.cli", "finetune", "--scratch", "--params", str(params)],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "backbone scratch (random init)" in result.stdout
+    assert main(["evaluate", "--params", str(params)]) == 0
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    rows = (tmp_path / "ev" / "predictions.csv").read_text().splitlines()[1:]
+    assert metrics["images"] == len(rows) == 16
+    assert metrics["top1"] == round(sum(r.split(",")[1] == r.split(",")[2] for r in rows) / 16, 5)
+    assert (tmp_path / "ev" / "confusion_matrix.png").stat().st_size > 1000

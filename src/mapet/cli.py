@@ -141,6 +141,32 @@ def _pretrain(args: argparse.Namespace) -> None:
               f"token accuracy {metrics['token_accuracy']}")
 
 
+def _finetune(args: argparse.Namespace) -> None:
+    from mapet.engine.finetune import run_finetune, settings_from_params
+
+    params = load_params(args.params)
+    config = settings_from_params(param(params, "finetune"), param(params, "model"))
+    data = Path(args.data or param(params, "data.dir"))
+    out = Path(args.out or param(params, "finetune.out_dir"))
+    backbone = None if args.scratch else Path(args.backbone or Path(param(params, "pretrain.out_dir")) / "backbone.safetensors")
+    metrics = run_finetune(config, data, backbone, out, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"wrote {out / 'model.safetensors'}: final training loss {metrics['loss']}")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from mapet.engine.evaluate import run_evaluate
+
+    params = load_params(args.params)
+    model = Path(args.model or Path(param(params, "finetune.out_dir")) / "model.safetensors")
+    out = Path(args.out or param(params, "evaluate.out_dir"))
+    metrics = run_evaluate(model, Path(args.data or param(params, "data.dir")), args.split or param(params, "evaluate.split"),
+                           out, param(params, "evaluate.crop_pct"), param(params, "evaluate.batch_size"),
+                           param(params, "evaluate.workers"))
+    top5 = f", top-5 {metrics['top5']:.4f}" if "top5" in metrics else ""
+    print(f"{metrics['split']}: top-1 {metrics['top1']:.4f}{top5} on {metrics['images']} images; wrote {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mapet", description="MaPeT pre-training workflow.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -186,6 +212,21 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--tokens", help="token folder (default: tokenize.out_dir)")
     pretrain.add_argument("--out", help="output folder (default: pretrain.out_dir)")
     pretrain.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/latest if present")
+
+    finetune = command(commands, "finetune", _finetune,
+                       "Fine-tune a ViT classifier from the pre-trained backbone (or from scratch) on DeepSpeed.")
+    source = finetune.add_mutually_exclusive_group()
+    source.add_argument("--backbone", help="backbone file (default: <pretrain.out_dir>/backbone.safetensors)")
+    source.add_argument("--scratch", action="store_true", help="random initialisation: the baseline")
+    finetune.add_argument("--data", help="dataset folder (default: data.dir)")
+    finetune.add_argument("--out", help="output folder (default: finetune.out_dir)")
+    finetune.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/latest if present")
+
+    evaluate = command(commands, "evaluate", _evaluate, "Top-1/top-5, per-class accuracy and confusion matrix.")
+    evaluate.add_argument("--model", help="classifier file (default: <finetune.out_dir>/model.safetensors)")
+    evaluate.add_argument("--data", help="dataset folder (default: data.dir)")
+    evaluate.add_argument("--split", help="split to evaluate (default: evaluate.split)")
+    evaluate.add_argument("--out", help="output folder (default: evaluate.out_dir)")
 
     export = command(commands, "export", _export,
                      "Write a pre-trained model's backbone as a timm-loadable safetensors file.")

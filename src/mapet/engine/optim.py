@@ -10,18 +10,32 @@ from torch import nn
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token")
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weight matrices only: not on norms, biases, LayerScale, position
-    embedding, CLS or mask token."""
-    decay, no_decay = [], []
+def vit_layer(name: str, depth: int) -> int:
+    """Layer of a timm ViT parameter for layer-wise lr decay: embeddings 0, block i i + 1, the
+    rest (final norms, head) depth + 1."""
+    if name.startswith(("cls_token", "pos_embed", "patch_embed", "mask_token", "reg_token")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, lr: float, layer_decay: float | None = None,
+                     depth: int = 0) -> list[dict]:
+    """AdamW groups. Weight decay on weight matrices only: not on norms, biases, LayerScale,
+    position embedding, CLS or mask token. With ``layer_decay``, layer l of a ``depth``-block
+    ViT gets lr x layer_decay ** (depth + 1 - l)."""
+    groups: dict[tuple[int, bool], dict] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        if parameter.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_NAMES:
-            no_decay.append(parameter)
-        else:
-            decay.append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        no_decay = parameter.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_NAMES
+        layer = vit_layer(name, depth) if layer_decay else 0
+        scale = layer_decay ** (depth + 1 - layer) if layer_decay else 1.0
+        group = groups.setdefault((layer, no_decay), {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                                                      "lr": lr * scale})
+        group["params"].append(parameter)
+    return list(groups.values())
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, base_lr: float, warmup_steps: int, total_steps: int,

@@ -88,7 +88,7 @@ def run_pretrain(settings: PretrainSettings, data: Path, tokens_dir: Path, out: 
         torch.manual_seed(settings.seed)
         model = create_pretrain_model(settings.objective, settings.backbone, token_info["k"], **settings.model_kwargs)
         num_predict = settings.num_predict or default_num_predict(settings.objective, model.num_patches)
-        optimizer = torch.optim.AdamW(parameter_groups(model, settings.weight_decay), lr=settings.lr,
+        optimizer = torch.optim.AdamW(parameter_groups(model, settings.weight_decay, settings.lr), lr=settings.lr,
                                       betas=tuple(settings.betas))
         scheduler = warmup_cosine(optimizer, settings.lr, round(settings.warmup_epochs * steps_per_epoch),
                                   total_steps, settings.warmup_lr, settings.min_lr)
@@ -105,7 +105,7 @@ def run_pretrain(settings: PretrainSettings, data: Path, tokens_dir: Path, out: 
                   f"patches, {num_predict} predicted; tokens from {token_info['encoder']['name']} "
                   f"(k = {token_info['k']}{'' if token_info['encoder']['clip'] else ', not CLIP'}); data manifest "
                   f"{token_info['manifest_sha256'][:12]}; {world} rank(s) x {workers} reader(s), "
-                  f"{steps_per_epoch} steps/epoch, {'from step ' + str(step) if step else 'from scratch'}")
+                  f"{steps_per_epoch} steps/epoch, {'resuming at step ' + str(step) if step else 'starting at step 0'}")
 
         dataset = ShardDataset(data, settings.split, pretrain_transform(image_size, settings.color_jitter),
                                shuffle=True, seed=settings.seed, rank=rank, world_size=world)

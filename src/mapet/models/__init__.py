@@ -22,8 +22,9 @@ from mapet.errors import MapetError
 from mapet.masking import OBJECTIVES
 from mapet.models.pretrain import MaskedImageModel, PretrainModel, TwoStreamModel
 
-__all__ = ["create_pretrain_model", "export_backbone", "load_pretrain_model", "save_backbone",
-           "save_pretrain_model", "PretrainModel", "TwoStreamModel", "MaskedImageModel"]
+__all__ = ["create_pretrain_model", "export_backbone", "load_backbone", "load_classifier", "load_pretrain_model",
+           "save_backbone", "save_classifier", "save_pretrain_model", "PretrainModel", "TwoStreamModel",
+           "MaskedImageModel"]
 
 # METHOD.md section 2: LayerScale 0.1 on both residual branches, stochastic depth up to 0.1.
 BACKBONE_DEFAULTS = {"init_values": 0.1, "drop_path_rate": 0.1}
@@ -107,3 +108,36 @@ def save_backbone(model: PretrainModel, path: str | os.PathLike) -> None:
     _save(export_backbone(model), {"kind": "backbone", "backbone": model.backbone_name,
                                    "objective": model.objective, "timm_kwargs": json.dumps(model.timm_kwargs)},
           path)
+
+
+def load_backbone(model: VisionTransformer, path: str | os.PathLike) -> list[str]:
+    """Load a backbone file into a timm ViT built for fine-tuning; returns the names loaded.
+
+    Only the classifier (``head``) and, with average pooling, ``fc_norm`` may stay as initialised
+    (the pre-training ``norm`` then goes unused, as in BEiT and MAE); any other missing or
+    unexpected weight is an error, so nothing is silently re-initialised.
+    """
+    tensors, _ = _load(path, "backbone")
+    if isinstance(model.norm, torch.nn.Identity):
+        tensors = {name: tensor for name, tensor in tensors.items() if not name.startswith("norm.")}
+    result = model.load_state_dict(tensors, strict=False)
+    fresh = {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
+    missing = sorted(set(result.missing_keys) - fresh)
+    if missing or result.unexpected_keys:
+        raise MapetError(f"{path}: does not fit the model: missing {missing or 'nothing'}, "
+                         f"unexpected {sorted(result.unexpected_keys) or 'nothing'}")
+    return sorted(tensors)
+
+
+def save_classifier(model: VisionTransformer, backbone: str, timm_kwargs: dict, classes: list[str],
+                    path: str | os.PathLike, provenance: dict | None = None) -> None:
+    """A fine-tuned classifier with what rebuilds it: timm name, arguments, class names."""
+    _save(model.state_dict(), {"kind": "classifier", "backbone": backbone, "timm_kwargs": json.dumps(timm_kwargs),
+                               "classes": json.dumps(classes), "provenance": json.dumps(provenance or {})}, path)
+
+
+def load_classifier(path: str | os.PathLike) -> tuple[VisionTransformer, list[str], dict]:
+    tensors, meta = _load(path, "classifier")
+    model = timm.create_model(meta["backbone"], **json.loads(meta["timm_kwargs"]))
+    model.load_state_dict(tensors)
+    return model, json.loads(meta["classes"]), json.loads(meta.get("provenance", "{}"))

@@ -1,0 +1,177 @@
+"""`mapet finetune`: a timm ViT classifier from the pre-trained backbone (or from scratch, the
+baseline), with the recipe of METHOD.md section 7 on DeepSpeed: global average pooling + fc_norm
++ new head, layer-wise lr decay, warm-up + cosine, mixup/cutmix with label smoothing,
+RandAugment, random erasing, drop path. Resumable like pre-training (mapet.engine.pretrain)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+import torch.distributed as dist
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from mapet.data.dataset import read_description, read_manifest
+from mapet.data.reader import ShardDataset
+from mapet.data.transforms import finetune_transform
+from mapet.engine.common import checkpoint, deepspeed_config, micro_batch_seed, resume_state, write_json
+from mapet.engine.common import steps_per_epoch as plan_steps
+from mapet.engine.distributed import init_distributed, teardown
+from mapet.engine.optim import parameter_groups, warmup_cosine
+from mapet.errors import MapetError
+from mapet.models import load_backbone, save_classifier
+from mapet.params import build_settings
+
+
+@dataclass
+class FinetuneSettings:
+    """params.yaml ``finetune`` (plus the ViT from ``model``)."""
+
+    backbone: str = "vit_tiny_patch16_224"
+    model_kwargs: dict = field(default_factory=dict)
+    epochs: int = 15
+    batch_size: int = 128
+    micro_batch_size: int = 128
+    lr: float = 5e-4                 # at this batch size (the recipe's base lr is for batch 512)
+    layer_decay: float = 0.65        # 0 or 1: none
+    warmup_epochs: float = 1
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    drop_path_rate: float = 0.1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    label_smoothing: float = 0.1
+    auto_augment: str = "rand-m9-mstd0.5"
+    reprob: float = 0.25
+    grad_clip: float = 0.0
+    zero_stage: int = 1
+    bf16: bool | None = None
+    seed: int = 0
+    workers: int = 1
+    split: str = "train"
+    max_shards: int = 0              # the first N shards of the split only (a labelled subset); 0: all
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+
+
+def build_classifier(settings: FinetuneSettings, num_classes: int, backbone_file: Path | None) -> tuple:
+    """(model, timm kwargs, names of the weights that came from the backbone file)."""
+    kwargs = {**settings.model_kwargs, "num_classes": num_classes, "global_pool": "avg",
+              "drop_path_rate": settings.drop_path_rate}
+    model = timm.create_model(settings.backbone, **kwargs)
+    loaded = load_backbone(model, backbone_file) if backbone_file else []
+    return model, kwargs, loaded
+
+
+def run_finetune(settings: FinetuneSettings, data: Path, backbone_file: Path | None, out: Path,
+                 resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    import deepspeed
+
+    data, out = Path(data), Path(out)
+    if backbone_file is not None and not Path(backbone_file).is_file():
+        raise MapetError(f"{backbone_file}: no backbone file (run `mapet pretrain`, or fine-tune with --scratch)")
+    manifest = read_manifest(data)
+    classes = read_description(data)["classes"]
+    shards = sorted(manifest.loc[manifest["split"] == settings.split, "shard"].unique())
+    shards = shards[:settings.max_shards] if settings.max_shards else shards
+    manifest = manifest[manifest["shard"].isin(shards)]
+
+    rank, world, device = init_distributed()
+    try:
+        workers = max(1, settings.workers)
+        steps_per_epoch, accum = plan_steps(manifest, settings.split, world, workers, settings.micro_batch_size,
+                                            settings.batch_size)
+        total_steps = settings.epochs * steps_per_epoch
+        torch.manual_seed(settings.seed)
+        model, kwargs, loaded = build_classifier(settings, len(classes), backbone_file)
+        depth = len(model.blocks)
+        decay = settings.layer_decay if 0 < settings.layer_decay < 1 else None
+        optimizer = torch.optim.AdamW(parameter_groups(model, settings.weight_decay, settings.lr, decay, depth),
+                                      lr=settings.lr)
+        scheduler = warmup_cosine(optimizer, settings.lr, round(settings.warmup_epochs * steps_per_epoch),
+                                  total_steps, settings.warmup_lr, settings.min_lr)
+        bf16 = device.type == "cuda" if settings.bf16 is None else settings.bf16
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=
+                                               deepspeed_config(settings.micro_batch_size, accum, settings.grad_clip,
+                                                                settings.zero_stage, bf16))
+        mixup = Mixup(mixup_alpha=settings.mixup, cutmix_alpha=settings.cutmix, label_smoothing=settings.label_smoothing,
+                      num_classes=len(classes)) if settings.mixup or settings.cutmix else None
+        criterion = SoftTargetCrossEntropy() if mixup else torch.nn.CrossEntropyLoss(
+            label_smoothing=settings.label_smoothing)
+        checkpoints = out / "checkpoints"
+        state = resume_state(engine, checkpoints) if resume else None
+        step, history = (state["global_step"], state["history"]) if state else (0, [])
+        if rank == 0:
+            origin = f"{len(loaded)} tensors from {backbone_file}" if backbone_file else "scratch (random init)"
+            print(f"finetune {settings.backbone}: {len(classes)} classes, {len(manifest)} labelled images, "
+                  f"backbone {origin}; {world} rank(s) x {workers} reader(s), {steps_per_epoch} steps/epoch, "
+                  f"{'resuming at step ' + str(step) if step else 'starting at step 0'}")
+
+        transform = finetune_transform(settings.model_kwargs["img_size"], settings.auto_augment or None,
+                                       settings.reprob)
+        dataset = ShardDataset(data, settings.split, transform, shuffle=True, seed=settings.seed, rank=rank,
+                               world_size=world, shards=shards)
+        bar = tqdm(total=total_steps, initial=step, desc="finetune", unit="step", disable=not progress or rank != 0)
+        started, images_seen = time.perf_counter(), 0
+        while step < total_steps:
+            epoch, done_in_epoch = divmod(step, steps_per_epoch)
+            dataset.set_epoch(epoch)
+            loader = DataLoader(dataset, batch_size=settings.micro_batch_size, num_workers=settings.workers)
+            micro_batches = islice(iter(loader), done_in_epoch * accum, steps_per_epoch * accum)
+            for _ in range(done_in_epoch, steps_per_epoch):
+                loss_sum = torch.zeros(1, device=device)
+                for micro in range(accum):
+                    images, labels, _ = next(micro_batches)
+                    seed = micro_batch_seed(settings.seed, step, micro, accum, world, rank)
+                    torch.manual_seed(seed)
+                    np.random.seed(seed % 2**32)                                    # timm's Mixup draws from numpy
+                    if mixup:
+                        images, labels = mixup(images, labels)
+                    images, labels = images.to(device), labels.to(device)
+                    logits = engine(images.to(torch.bfloat16) if bf16 else images)
+                    loss = criterion(logits.float(), labels)
+                    engine.backward(loss)
+                    engine.step()
+                    loss_sum += loss.detach().float()
+                dist.all_reduce(loss_sum)
+                step += 1
+                images_seen += settings.batch_size
+                record = {"step": step, "epoch": epoch, "loss": round(loss_sum.item() / (accum * world), 5),
+                          "lr": scheduler.get_last_lr()[-1]}
+                history.append(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                img_s=f"{images_seen / (time.perf_counter() - started):.0f}")
+                if step % settings.checkpoint_every == 0 or step == total_steps:
+                    checkpoint(engine, checkpoints, step, history, rank, settings.keep_checkpoints)
+        bar.close()
+        metrics = {"steps": step, "loss": history[-1]["loss"], "initialised_from": str(backbone_file or "scratch"),
+                   "images_per_s": round(images_seen / max(time.perf_counter() - started, 1e-9), 1)}
+        if rank == 0:
+            save_classifier(engine.module, settings.backbone, kwargs, classes, out / "model.safetensors",
+                            {"backbone_file": str(backbone_file or "scratch")})
+            write_json(out / "metrics.json", metrics)
+            write_json(out / "history.json", history)
+        return metrics
+    finally:
+        teardown()
+
+
+def settings_from_params(finetune: dict, model: dict) -> FinetuneSettings:
+    model_kwargs = {k: v for k, v in model.items() if k not in ("backbone", "drop_path_rate")}
+    for required in ("img_size", "patch_size"):
+        if required not in model_kwargs:
+            raise MapetError(f"params: model.{required} is required")
+    result = build_settings("finetune", finetune, FinetuneSettings, ignore=("out_dir", "init"))
+    result.backbone, result.model_kwargs = model.get("backbone", result.backbone), model_kwargs
+    return result
