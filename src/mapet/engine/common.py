@@ -5,10 +5,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
+from collections.abc import Callable
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from mapet.errors import MapetError
 
@@ -77,3 +83,38 @@ def resume_state(engine, folder: Path) -> dict[str, Any] | None:
         return None
     _, state = engine.load_checkpoint(str(folder))
     return state
+
+
+def train_steps(engine, dataset, settings, *, world: int, rank: int, accum: int, steps_per_epoch: int, step: int,
+                history: list[dict], checkpoints: Path, micro_step: Callable[[tuple, int], torch.Tensor],
+                record_of: Callable[[torch.Tensor], dict], desc: str, progress: bool = True) -> float:
+    """Optimizer steps from ``step`` to the end of the last epoch; returns images/s.
+
+    ``micro_step(batch, seed)`` runs forward, backward and ``engine.step()`` on one micro-batch
+    and returns a tensor of sums; they are added over the step's micro-batches and all ranks,
+    and ``record_of(sums)`` turns them into the step's entry of ``history``. A resumed run skips
+    the micro-batches the interrupted one had consumed in its epoch.
+    """
+    total_steps = settings.epochs * steps_per_epoch
+    bar = tqdm(total=total_steps, initial=step, desc=desc, unit="step", disable=not progress or rank != 0)
+    started, images = time.perf_counter(), 0
+    while step < total_steps:
+        epoch, done_in_epoch = divmod(step, steps_per_epoch)
+        dataset.set_epoch(epoch)
+        loader = DataLoader(dataset, batch_size=settings.micro_batch_size, num_workers=settings.workers)
+        micro_batches = islice(iter(loader), done_in_epoch * accum, steps_per_epoch * accum)
+        for _ in range(done_in_epoch, steps_per_epoch):
+            sums = sum(micro_step(next(micro_batches), micro_batch_seed(settings.seed, step, micro, accum, world, rank))
+                       for micro in range(accum))
+            dist.all_reduce(sums)
+            step += 1
+            images += settings.batch_size
+            record = {"step": step, "epoch": epoch, **record_of(sums), "lr": max(engine.lr_scheduler.get_last_lr())}
+            history.append(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                            img_s=f"{images / (time.perf_counter() - started):.0f}")
+            if step % settings.checkpoint_every == 0 or step == total_steps:
+                checkpoint(engine, checkpoints, step, history, rank, settings.keep_checkpoints)
+    bar.close()
+    return round(images / max(time.perf_counter() - started, 1e-9), 1)

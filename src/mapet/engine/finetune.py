@@ -5,25 +5,20 @@ RandAugment, random erasing, drop path. Resumable like pre-training (mapet.engin
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import timm
 import torch
-import torch.distributed as dist
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from mapet.data.dataset import read_description, read_manifest
 from mapet.data.reader import ShardDataset
 from mapet.data.transforms import finetune_transform
-from mapet.engine.common import checkpoint, deepspeed_config, micro_batch_seed, resume_state, write_json
+from mapet.engine.common import deepspeed_config, resume_state, train_steps, write_json
 from mapet.engine.common import steps_per_epoch as plan_steps
 from mapet.engine.distributed import init_distributed, teardown
 from mapet.engine.optim import parameter_groups, warmup_cosine
@@ -121,42 +116,26 @@ def run_finetune(settings: FinetuneSettings, data: Path, backbone_file: Path | N
                                        settings.reprob)
         dataset = ShardDataset(data, settings.split, transform, shuffle=True, seed=settings.seed, rank=rank,
                                world_size=world, shards=shards)
-        bar = tqdm(total=total_steps, initial=step, desc="finetune", unit="step", disable=not progress or rank != 0)
-        started, images_seen = time.perf_counter(), 0
-        while step < total_steps:
-            epoch, done_in_epoch = divmod(step, steps_per_epoch)
-            dataset.set_epoch(epoch)
-            loader = DataLoader(dataset, batch_size=settings.micro_batch_size, num_workers=settings.workers)
-            micro_batches = islice(iter(loader), done_in_epoch * accum, steps_per_epoch * accum)
-            for _ in range(done_in_epoch, steps_per_epoch):
-                loss_sum = torch.zeros(1, device=device)
-                for micro in range(accum):
-                    images, labels, _ = next(micro_batches)
-                    seed = micro_batch_seed(settings.seed, step, micro, accum, world, rank)
-                    torch.manual_seed(seed)
-                    np.random.seed(seed % 2**32)                                    # timm's Mixup draws from numpy
-                    if mixup:
-                        images, labels = mixup(images, labels)
-                    images, labels = images.to(device), labels.to(device)
-                    logits = engine(images.to(torch.bfloat16) if bf16 else images)
-                    loss = criterion(logits.float(), labels)
-                    engine.backward(loss)
-                    engine.step()
-                    loss_sum += loss.detach().float()
-                dist.all_reduce(loss_sum)
-                step += 1
-                images_seen += settings.batch_size
-                record = {"step": step, "epoch": epoch, "loss": round(loss_sum.item() / (accum * world), 5),
-                          "lr": scheduler.get_last_lr()[-1]}
-                history.append(record)
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
-                                img_s=f"{images_seen / (time.perf_counter() - started):.0f}")
-                if step % settings.checkpoint_every == 0 or step == total_steps:
-                    checkpoint(engine, checkpoints, step, history, rank, settings.keep_checkpoints)
-        bar.close()
-        metrics = {"steps": step, "loss": history[-1]["loss"], "initialised_from": str(backbone_file or "scratch"),
-                   "images_per_s": round(images_seen / max(time.perf_counter() - started, 1e-9), 1)}
+
+        def micro_step(batch: tuple, seed: int) -> torch.Tensor:
+            images, labels, _ = batch
+            torch.manual_seed(seed)
+            np.random.seed(seed % 2**32)                                            # timm's Mixup draws from numpy
+            if mixup:
+                images, labels = mixup(images, labels)
+            logits = engine(images.to(device, torch.bfloat16 if bf16 else torch.float32))
+            loss = criterion(logits.float(), labels.to(device))
+            engine.backward(loss)
+            engine.step()
+            return torch.stack([loss.detach().float(), torch.ones((), device=device)])
+
+        images_per_s = train_steps(engine, dataset, settings, world=world, rank=rank, accum=accum,
+                                   steps_per_epoch=steps_per_epoch, step=step, history=history,
+                                   checkpoints=checkpoints, micro_step=micro_step,
+                                   record_of=lambda sums: {"loss": round((sums[0] / sums[1]).item(), 5)},
+                                   desc="finetune", progress=progress)
+        metrics = {"steps": len(history), "loss": history[-1]["loss"],
+                   "initialised_from": str(backbone_file or "scratch"), "images_per_s": images_per_s}
         if rank == 0:
             save_classifier(engine.module, settings.backbone, kwargs, classes, out / "model.safetensors",
                             {"backbone_file": str(backbone_file or "scratch")})

@@ -12,23 +12,18 @@ with one worker each.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from mapet.data.dataset import read_manifest
 from mapet.data.reader import ShardDataset
 from mapet.data.transforms import pretrain_transform
-from mapet.engine.common import (checkpoint, deepspeed_config, micro_batch_seed, resume_state, write_json)
+from mapet.engine.common import deepspeed_config, resume_state, train_steps, write_json
 from mapet.engine.common import steps_per_epoch as plan_steps
 from mapet.engine.distributed import init_distributed, teardown
 from mapet.engine.optim import parameter_groups, warmup_cosine
@@ -109,50 +104,31 @@ def run_pretrain(settings: PretrainSettings, data: Path, tokens_dir: Path, out: 
 
         dataset = ShardDataset(data, settings.split, pretrain_transform(image_size, settings.color_jitter),
                                shuffle=True, seed=settings.seed, rank=rank, world_size=world)
-        bar = tqdm(total=total_steps, initial=step, desc=f"pretrain {settings.objective}", unit="step",
-                   disable=not progress or rank != 0)
-        started, images_seen = time.perf_counter(), 0
-        while step < total_steps:
-            epoch, done_in_epoch = divmod(step, steps_per_epoch)
-            dataset.set_epoch(epoch)
-            loader = DataLoader(dataset, batch_size=settings.micro_batch_size, num_workers=settings.workers)
-            micro_batches = islice(iter(loader), done_in_epoch * accum, steps_per_epoch * accum)
-            for step_in_epoch in range(done_in_epoch, steps_per_epoch):
-                totals = torch.zeros(3, device=device)                              # loss sum, correct, predicted
-                for micro in range(accum):
-                    images, _, keys = next(micro_batches)
-                    seed = micro_batch_seed(settings.seed, step, micro, accum, world, rank)
-                    generator = torch.Generator().manual_seed(seed)
-                    order = sample_orders(settings.objective, len(keys), model.grid_size, num_predict, generator,
-                                          min_block=settings.mim_min_block)
-                    targets = torch.from_numpy(tokens[[row_of[k] for k in keys]].astype(np.int64))
-                    targets = targets.gather(1, order[:, model.num_patches - num_predict:])
-                    torch.manual_seed(seed + 1)                                     # dropout and drop path
-                    images, order, targets = images.to(device), order.to(device), targets.to(device)
-                    logits = engine(images.to(torch.bfloat16) if bf16 else images, order, num_predict)
-                    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-                    engine.backward(loss)
-                    engine.step()
-                    totals += torch.stack([loss.detach().float() * targets.numel(),
-                                           (logits.argmax(-1) == targets).sum().float(),
-                                           torch.tensor(float(targets.numel()), device=device)])
-                dist.all_reduce(totals)
-                step += 1
-                images_seen += settings.batch_size
-                record = {"step": step, "epoch": epoch, "loss": round(totals[0].item() / totals[2].item(), 5),
-                          "token_accuracy": round(totals[1].item() / totals[2].item(), 5),
-                          "lr": scheduler.get_last_lr()[0]}
-                history.append(record)
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
-                                img_s=f"{images_seen / (time.perf_counter() - started):.0f}")
-                if step % settings.checkpoint_every == 0 or step == total_steps:
-                    checkpoint(engine, checkpoints, step, history, rank, settings.keep_checkpoints)
-        bar.close()
 
-        metrics = {"objective": settings.objective, "steps": step, "loss": history[-1]["loss"],
-                   "token_accuracy": history[-1]["token_accuracy"],
-                   "images_per_s": round(images_seen / max(time.perf_counter() - started, 1e-9), 1)}
+        def micro_step(batch: tuple, seed: int) -> torch.Tensor:
+            images, _, keys = batch
+            order = sample_orders(settings.objective, len(keys), model.grid_size, num_predict,
+                                  torch.Generator().manual_seed(seed), min_block=settings.mim_min_block)
+            targets = torch.from_numpy(tokens[[row_of[k] for k in keys]].astype(np.int64))
+            targets = targets.gather(1, order[:, model.num_patches - num_predict:]).to(device)
+            torch.manual_seed(seed + 1)                                             # dropout and drop path
+            logits = engine(images.to(device, torch.bfloat16 if bf16 else torch.float32), order.to(device),
+                            num_predict)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+            engine.backward(loss)
+            engine.step()
+            count = torch.tensor(float(targets.numel()), device=device)
+            return torch.stack([loss.detach().float() * count, (logits.argmax(-1) == targets).sum().float(), count])
+
+        def record_of(sums: torch.Tensor) -> dict:
+            return {"loss": round((sums[0] / sums[2]).item(), 5), "token_accuracy": round((sums[1] / sums[2]).item(), 5)}
+
+        images_per_s = train_steps(engine, dataset, settings, world=world, rank=rank, accum=accum,
+                                   steps_per_epoch=steps_per_epoch, step=step, history=history,
+                                   checkpoints=checkpoints, micro_step=micro_step, record_of=record_of,
+                                   desc=f"pretrain {settings.objective}", progress=progress)
+        metrics = {"objective": settings.objective, "steps": len(history), "loss": history[-1]["loss"],
+                   "token_accuracy": history[-1]["token_accuracy"], "images_per_s": images_per_s}
         if rank == 0:
             provenance = {"tokens": {k: token_info[k] for k in ("encoder", "k", "manifest_sha256", "codebook_sha256")}}
             save_pretrain_model(engine.module, out / "model.safetensors", provenance)
