@@ -134,13 +134,14 @@ def test_token_file_for_other_data_is_refused_before_training(tokens, tmp_path, 
 
 
 def test_finetune_loads_every_backbone_weight(tmp_path):
-    from mapet.engine.finetune import build_classifier, settings_from_params
+    from mapet.engine.common import loop_settings
+    from mapet.engine.finetune import FinetuneSettings, build_classifier
     from mapet.models import create_pretrain_model, save_backbone
 
     pretrained = create_pretrain_model("mapet", "vit_tiny_patch16_224", 16,
                                        **{k: v for k, v in TINY_VIT.items() if k != "backbone"})
     save_backbone(pretrained, tmp_path / "backbone.safetensors")
-    settings = settings_from_params({"drop_path_rate": 0.1}, TINY_VIT)
+    settings = loop_settings("finetune", {"drop_path_rate": 0.1}, TINY_VIT, FinetuneSettings, ("drop_path_rate",))
     model, _, loaded = build_classifier(settings, 10, tmp_path / "backbone.safetensors")
     source = pretrained.backbone.state_dict()
     fresh = {name for name, _ in model.named_parameters()} - set(loaded)

@@ -126,10 +126,11 @@ def _tokenize(args: argparse.Namespace) -> None:
 
 
 def _pretrain(args: argparse.Namespace) -> None:
-    from mapet.engine.pretrain import run_pretrain, settings_from_params
+    from mapet.engine.common import loop_settings
+    from mapet.engine.pretrain import PretrainSettings, run_pretrain
 
     params = load_params(args.params)
-    config = settings_from_params(param(params, "pretrain"), param(params, "model"))
+    config = loop_settings("pretrain", param(params, "pretrain"), param(params, "model"), PretrainSettings)
     if args.objective:
         config.objective = args.objective
     data = Path(args.data or param(params, "data.dir"))
@@ -142,10 +143,12 @@ def _pretrain(args: argparse.Namespace) -> None:
 
 
 def _finetune(args: argparse.Namespace) -> None:
-    from mapet.engine.finetune import run_finetune, settings_from_params
+    from mapet.engine.common import loop_settings
+    from mapet.engine.finetune import FinetuneSettings, run_finetune
 
     params = load_params(args.params)
-    config = settings_from_params(param(params, "finetune"), param(params, "model"))
+    config = loop_settings("finetune", param(params, "finetune"), param(params, "model"), FinetuneSettings,
+                           model_keys_owned=("drop_path_rate",))
     data = Path(args.data or param(params, "data.dir"))
     out = Path(args.out or param(params, "finetune.out_dir"))
     backbone = None if args.scratch else Path(args.backbone or Path(param(params, "pretrain.out_dir")) / "backbone.safetensors")

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mapet.errors import MapetError
+from mapet.params import build_settings
 
 LATEST = "latest"
 
@@ -118,3 +119,15 @@ def train_steps(engine, dataset, settings, *, world: int, rank: int, accum: int,
                 checkpoint(engine, checkpoints, step, history, rank, settings.keep_checkpoints)
     bar.close()
     return round(images / max(time.perf_counter() - started, 1e-9), 1)
+
+
+def loop_settings(section: str, values: dict, model: dict, cls: type, model_keys_owned: tuple[str, ...] = ()):
+    """A loop's settings dataclass from params.yaml's ``section`` plus the ViT of ``model``
+    (``backbone`` and the timm arguments, less the keys the section sets itself)."""
+    model_kwargs = {k: v for k, v in model.items() if k != "backbone" and k not in model_keys_owned}
+    for required in ("img_size", "patch_size"):
+        if required not in model_kwargs:
+            raise MapetError(f"params: model.{required} is required")
+    result = build_settings(section, values, cls, ignore=("out_dir",))
+    result.backbone, result.model_kwargs = model.get("backbone", result.backbone), model_kwargs
+    return result

@@ -24,7 +24,6 @@ from mapet.engine.distributed import init_distributed, teardown
 from mapet.engine.optim import parameter_groups, warmup_cosine
 from mapet.errors import MapetError
 from mapet.models import load_backbone, save_classifier
-from mapet.params import build_settings
 
 
 @dataclass
@@ -145,12 +144,3 @@ def run_finetune(settings: FinetuneSettings, data: Path, backbone_file: Path | N
     finally:
         teardown()
 
-
-def settings_from_params(finetune: dict, model: dict) -> FinetuneSettings:
-    model_kwargs = {k: v for k, v in model.items() if k not in ("backbone", "drop_path_rate")}
-    for required in ("img_size", "patch_size"):
-        if required not in model_kwargs:
-            raise MapetError(f"params: model.{required} is required")
-    result = build_settings("finetune", finetune, FinetuneSettings, ignore=("out_dir", "init"))
-    result.backbone, result.model_kwargs = model.get("backbone", result.backbone), model_kwargs
-    return result

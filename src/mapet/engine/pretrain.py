@@ -27,10 +27,8 @@ from mapet.engine.common import deepspeed_config, resume_state, train_steps, wri
 from mapet.engine.common import steps_per_epoch as plan_steps
 from mapet.engine.distributed import init_distributed, teardown
 from mapet.engine.optim import parameter_groups, warmup_cosine
-from mapet.errors import MapetError
 from mapet.masking import default_num_predict, sample_orders
 from mapet.models import create_pretrain_model, save_backbone, save_pretrain_model
-from mapet.params import build_settings
 from mapet.tokenizers.tokens import load_tokens
 
 @dataclass
@@ -139,12 +137,3 @@ def run_pretrain(settings: PretrainSettings, data: Path, tokens_dir: Path, out: 
     finally:
         teardown()
 
-
-def settings_from_params(pretrain: dict, model: dict) -> PretrainSettings:
-    model_kwargs = {k: v for k, v in model.items() if k != "backbone"}
-    for required in ("img_size", "patch_size"):
-        if required not in model_kwargs:
-            raise MapetError(f"params: model.{required} is required")
-    result = build_settings("pretrain", pretrain, PretrainSettings, ignore=("out_dir",))
-    result.backbone, result.model_kwargs = model.get("backbone", result.backbone), model_kwargs
-    return result
