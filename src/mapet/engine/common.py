@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from mapet.engine.optim import warmup_cosine
 from mapet.errors import MapetError
 from mapet.params import build_settings
 
@@ -51,6 +52,20 @@ def deepspeed_config(micro: int, accum: int, grad_clip: float, zero_stage: int, 
     return {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
             "gradient_clipping": grad_clip, "zero_optimization": {"stage": zero_stage},
             "bf16": {"enabled": bf16}, "steps_per_print": 10**12}
+
+
+def make_engine(settings, model: torch.nn.Module, groups: list[dict], steps_per_epoch: int, accum: int,
+                device: torch.device):
+    """(DeepSpeed engine, bf16) with AdamW over ``groups`` and the per-step warm-up + cosine."""
+    import deepspeed
+
+    optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=tuple(settings.betas))
+    scheduler = warmup_cosine(optimizer, settings.lr, round(settings.warmup_epochs * steps_per_epoch),
+                              settings.epochs * steps_per_epoch, settings.warmup_lr, settings.min_lr)
+    bf16 = device.type == "cuda" if settings.bf16 is None else settings.bf16
+    config = deepspeed_config(settings.micro_batch_size, accum, settings.grad_clip, settings.zero_stage, bf16)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    return engine, bf16
 
 
 def micro_batch_seed(seed: int, step: int, micro: int, accum: int, world: int, rank: int) -> int:

@@ -18,10 +18,10 @@ from timm.loss import SoftTargetCrossEntropy
 from mapet.data.dataset import read_description, read_manifest
 from mapet.data.reader import ShardDataset
 from mapet.data.transforms import finetune_transform
-from mapet.engine.common import deepspeed_config, resume_state, train_steps, write_json
+from mapet.engine.common import make_engine, resume_state, train_steps, write_json
 from mapet.engine.common import steps_per_epoch as plan_steps
 from mapet.engine.distributed import init_distributed, teardown
-from mapet.engine.optim import parameter_groups, warmup_cosine
+from mapet.engine.optim import parameter_groups
 from mapet.errors import MapetError
 from mapet.models import load_backbone, save_classifier
 
@@ -41,6 +41,7 @@ class FinetuneSettings:
     warmup_lr: float = 1e-6
     min_lr: float = 1e-6
     weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
     drop_path_rate: float = 0.1
     mixup: float = 0.8
     cutmix: float = 1.0
@@ -69,8 +70,6 @@ def build_classifier(settings: FinetuneSettings, num_classes: int, backbone_file
 
 def run_finetune(settings: FinetuneSettings, data: Path, backbone_file: Path | None, out: Path,
                  resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    import deepspeed
-
     data, out = Path(data), Path(out)
     if backbone_file is not None and not Path(backbone_file).is_file():
         raise MapetError(f"{backbone_file}: no backbone file (run `mapet pretrain`, or fine-tune with --scratch)")
@@ -85,19 +84,11 @@ def run_finetune(settings: FinetuneSettings, data: Path, backbone_file: Path | N
         workers = max(1, settings.workers)
         steps_per_epoch, accum = plan_steps(manifest, settings.split, world, workers, settings.micro_batch_size,
                                             settings.batch_size)
-        total_steps = settings.epochs * steps_per_epoch
         torch.manual_seed(settings.seed)
         model, kwargs, loaded = build_classifier(settings, len(classes), backbone_file)
-        depth = len(model.blocks)
         decay = settings.layer_decay if 0 < settings.layer_decay < 1 else None
-        optimizer = torch.optim.AdamW(parameter_groups(model, settings.weight_decay, settings.lr, decay, depth),
-                                      lr=settings.lr)
-        scheduler = warmup_cosine(optimizer, settings.lr, round(settings.warmup_epochs * steps_per_epoch),
-                                  total_steps, settings.warmup_lr, settings.min_lr)
-        bf16 = device.type == "cuda" if settings.bf16 is None else settings.bf16
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=
-                                               deepspeed_config(settings.micro_batch_size, accum, settings.grad_clip,
-                                                                settings.zero_stage, bf16))
+        groups = parameter_groups(model, settings.weight_decay, settings.lr, decay, len(model.blocks))
+        engine, bf16 = make_engine(settings, model, groups, steps_per_epoch, accum, device)
         mixup = Mixup(mixup_alpha=settings.mixup, cutmix_alpha=settings.cutmix, label_smoothing=settings.label_smoothing,
                       num_classes=len(classes)) if settings.mixup or settings.cutmix else None
         criterion = SoftTargetCrossEntropy() if mixup else torch.nn.CrossEntropyLoss(

@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from mapet.data.dataset import read_manifest
 from mapet.data.reader import ShardDataset
 from mapet.data.transforms import pretrain_transform
-from mapet.engine.common import deepspeed_config, resume_state, train_steps, write_json
+from mapet.engine.common import make_engine, resume_state, train_steps, write_json
 from mapet.engine.common import steps_per_epoch as plan_steps
 from mapet.engine.distributed import init_distributed, teardown
-from mapet.engine.optim import parameter_groups, warmup_cosine
+from mapet.engine.optim import parameter_groups
 from mapet.masking import default_num_predict, sample_orders
 from mapet.models import create_pretrain_model, save_backbone, save_pretrain_model
 from mapet.tokenizers.tokens import load_tokens
@@ -62,8 +62,6 @@ class PretrainSettings:
 
 def run_pretrain(settings: PretrainSettings, data: Path, tokens_dir: Path, out: Path, resume: bool = False,
                  progress: bool = True) -> dict[str, Any]:
-    import deepspeed
-
     data, tokens_dir, out = Path(data), Path(tokens_dir), Path(out)
     image_size, patch = settings.model_kwargs["img_size"], settings.model_kwargs["patch_size"]
     grid = (image_size // patch, image_size // patch)
@@ -76,19 +74,11 @@ def run_pretrain(settings: PretrainSettings, data: Path, tokens_dir: Path, out: 
         workers = max(1, settings.workers)
         steps_per_epoch, accum = plan_steps(manifest, settings.split, world, workers, settings.micro_batch_size,
                                             settings.batch_size)
-        total_steps = settings.epochs * steps_per_epoch
-
         torch.manual_seed(settings.seed)
         model = create_pretrain_model(settings.objective, settings.backbone, token_info["k"], **settings.model_kwargs)
         num_predict = settings.num_predict or default_num_predict(settings.objective, model.num_patches)
-        optimizer = torch.optim.AdamW(parameter_groups(model, settings.weight_decay, settings.lr), lr=settings.lr,
-                                      betas=tuple(settings.betas))
-        scheduler = warmup_cosine(optimizer, settings.lr, round(settings.warmup_epochs * steps_per_epoch),
-                                  total_steps, settings.warmup_lr, settings.min_lr)
-        bf16 = device.type == "cuda" if settings.bf16 is None else settings.bf16
-        config = deepspeed_config(settings.micro_batch_size, accum, settings.grad_clip, settings.zero_stage, bf16)
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=config)
+        engine, bf16 = make_engine(settings, model, parameter_groups(model, settings.weight_decay, settings.lr),
+                                   steps_per_epoch, accum, device)
 
         checkpoints = out / "checkpoints"
         state = resume_state(engine, checkpoints) if resume else None
