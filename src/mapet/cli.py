@@ -100,6 +100,7 @@ def _tokenizer_build(args: argparse.Namespace) -> None:
 
 
 def _tokenize(args: argparse.Namespace) -> None:
+    from mapet.data.dataset import read_manifest
     from mapet.tokenizers.codebook import load_codebook
     from mapet.tokenizers.encoders import create_encoder
     from mapet.tokenizers.health import codebook_health, write_health
@@ -115,8 +116,6 @@ def _tokenize(args: argparse.Namespace) -> None:
                                    batch_size=param(params, "tokenize.batch_size"),
                                    workers=param(params, "tokenize.workers"))
     tokens, _ = load_tokens(out, data)
-    from mapet.data.dataset import read_manifest
-
     manifest = read_manifest(data)
     train = (manifest["split"] == param(params, "tokenizer.split")).to_numpy()
     metrics, counts = codebook_health(tokens[train], codebook.k)

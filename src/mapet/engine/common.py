@@ -34,17 +34,19 @@ def readers_plan(manifest, split: str, readers: int, micro: int) -> int:
     return int(min(sum(sizes[s] for s in shards[r::readers]) // micro for r in range(readers)))
 
 
-def steps_per_epoch(manifest, split: str, world: int, workers: int, micro: int, batch: int) -> tuple[int, int]:
-    """(optimizer steps per epoch, gradient accumulation) for a global ``batch`` of micro-batches
-    ``micro`` per rank, every (rank, worker) reader supplying the same number of full batches."""
+def plan_steps(manifest, settings, world: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, gradient accumulation) for a loop's global ``batch_size`` of
+    ``micro_batch_size`` per rank, every (rank, DataLoader worker) reader supplying the same
+    number of full batches."""
+    batch, micro, workers = settings.batch_size, settings.micro_batch_size, max(1, settings.workers)
     accum, remainder = divmod(batch, micro * world)
     if remainder or accum < 1:
         raise MapetError(f"batch_size {batch} is not a multiple of micro_batch_size {micro} x {world} ranks")
-    steps = readers_plan(manifest, split, world * workers, micro) * workers // accum
+    steps = readers_plan(manifest, settings.split, world * workers, micro) * workers // accum
     while steps * accum % workers:
         steps -= 1
     if steps < 1:
-        raise MapetError(f"split {split!r} is too small for a global batch of {batch}")
+        raise MapetError(f"split {settings.split!r} is too small for a global batch of {batch}")
     return steps, accum
 
 

@@ -18,8 +18,7 @@ from timm.loss import SoftTargetCrossEntropy
 from mapet.data.dataset import read_description, read_manifest
 from mapet.data.reader import ShardDataset
 from mapet.data.transforms import finetune_transform
-from mapet.engine.common import make_engine, resume_state, train_steps, write_json
-from mapet.engine.common import steps_per_epoch as plan_steps
+from mapet.engine.common import make_engine, plan_steps, resume_state, train_steps, write_json
 from mapet.engine.distributed import init_distributed, teardown
 from mapet.engine.optim import parameter_groups
 from mapet.errors import MapetError
@@ -81,9 +80,7 @@ def run_finetune(settings: FinetuneSettings, data: Path, backbone_file: Path | N
 
     rank, world, device = init_distributed()
     try:
-        workers = max(1, settings.workers)
-        steps_per_epoch, accum = plan_steps(manifest, settings.split, world, workers, settings.micro_batch_size,
-                                            settings.batch_size)
+        steps_per_epoch, accum = plan_steps(manifest, settings, world)
         torch.manual_seed(settings.seed)
         model, kwargs, loaded = build_classifier(settings, len(classes), backbone_file)
         decay = settings.layer_decay if 0 < settings.layer_decay < 1 else None
@@ -99,7 +96,8 @@ def run_finetune(settings: FinetuneSettings, data: Path, backbone_file: Path | N
         if rank == 0:
             origin = f"{len(loaded)} tensors from {backbone_file}" if backbone_file else "scratch (random init)"
             print(f"finetune {settings.backbone}: {len(classes)} classes, {len(manifest)} labelled images, "
-                  f"backbone {origin}; {world} rank(s) x {workers} reader(s), {steps_per_epoch} steps/epoch, "
+                  f"backbone {origin}; {world} rank(s) x {max(1, settings.workers)} reader(s), "
+                  f"{steps_per_epoch} steps/epoch, "
                   f"{'resuming at step ' + str(step) if step else 'starting at step 0'}")
 
         transform = finetune_transform(settings.model_kwargs["img_size"], settings.auto_augment or None,

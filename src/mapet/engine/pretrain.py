@@ -23,8 +23,7 @@ import torch.nn.functional as F
 from mapet.data.dataset import read_manifest
 from mapet.data.reader import ShardDataset
 from mapet.data.transforms import pretrain_transform
-from mapet.engine.common import make_engine, resume_state, train_steps, write_json
-from mapet.engine.common import steps_per_epoch as plan_steps
+from mapet.engine.common import make_engine, plan_steps, resume_state, train_steps, write_json
 from mapet.engine.distributed import init_distributed, teardown
 from mapet.engine.optim import parameter_groups
 from mapet.masking import default_num_predict, sample_orders
@@ -71,9 +70,7 @@ def run_pretrain(settings: PretrainSettings, data: Path, tokens_dir: Path, out: 
 
     rank, world, device = init_distributed()
     try:
-        workers = max(1, settings.workers)
-        steps_per_epoch, accum = plan_steps(manifest, settings.split, world, workers, settings.micro_batch_size,
-                                            settings.batch_size)
+        steps_per_epoch, accum = plan_steps(manifest, settings, world)
         torch.manual_seed(settings.seed)
         model = create_pretrain_model(settings.objective, settings.backbone, token_info["k"], **settings.model_kwargs)
         num_predict = settings.num_predict or default_num_predict(settings.objective, model.num_patches)
@@ -87,7 +84,7 @@ def run_pretrain(settings: PretrainSettings, data: Path, tokens_dir: Path, out: 
             print(f"pretrain {settings.objective}: {settings.backbone} {model.grid_size[0]}x{model.grid_size[1]} "
                   f"patches, {num_predict} predicted; tokens from {token_info['encoder']['name']} "
                   f"(k = {token_info['k']}{'' if token_info['encoder']['clip'] else ', not CLIP'}); data manifest "
-                  f"{token_info['manifest_sha256'][:12]}; {world} rank(s) x {workers} reader(s), "
+                  f"{token_info['manifest_sha256'][:12]}; {world} rank(s) x {max(1, settings.workers)} reader(s), "
                   f"{steps_per_epoch} steps/epoch, {'resuming at step ' + str(step) if step else 'starting at step 0'}")
 
         dataset = ShardDataset(data, settings.split, pretrain_transform(image_size, settings.color_jitter),
