@@ -24,6 +24,29 @@ def _export(args: argparse.Namespace) -> None:
           f"loadable with timm.create_model({model.backbone_name!r}, **timm_kwargs)")
 
 
+def _params(args: argparse.Namespace) -> None:
+    import yaml
+
+    from mapet.params import resolve_params, set_param
+
+    load_params(args.params)                                            # the file as it is must be sound
+    document = {**yaml.safe_load(Path(args.params).read_text()), "_path": str(args.params)}
+    for assignment in args.set:
+        set_param(document, assignment)
+    del document["_path"]
+    effective = resolve_params(document, f"{args.params} with --set")  # and so must the result
+    if not args.out:
+        print(yaml.safe_dump({k: v for k, v in effective.items() if k not in ("_path", "presets")}, sort_keys=False),
+              end="")
+        return
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    partial = args.out.with_name(args.out.name + ".partial")
+    partial.write_text(yaml.safe_dump(document, sort_keys=False))
+    os.replace(partial, args.out)
+    preset = f", preset {document['preset']!r}" if document.get("preset") else ""
+    print(f"wrote {args.out}: {args.params} with {len(args.set)} override(s){preset}")
+
+
 def _data_import(args: argparse.Namespace) -> None:
     from mapet.data.dataset import import_dataset
     from mapet.data.sources import FORMATS
@@ -150,7 +173,12 @@ def _finetune(args: argparse.Namespace) -> None:
                            model_keys_owned=("drop_path_rate",))
     data = Path(args.data or param(params, "data.dir"))
     out = Path(args.out or param(params, "finetune.out_dir"))
-    backbone = None if args.scratch else Path(args.backbone or Path(param(params, "pretrain.out_dir")) / "backbone.safetensors")
+    if args.scratch:
+        config.init = "scratch"
+    if config.init not in ("pretrained", "scratch"):
+        raise MapetError(f"params: finetune.init must be pretrained or scratch, got {config.init!r}")
+    backbone = None if config.init == "scratch" else \
+        Path(args.backbone or Path(param(params, "pretrain.out_dir")) / "backbone.safetensors")
     metrics = run_finetune(config, data, backbone, out, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"wrote {out / 'model.safetensors'}: final training loss {metrics['loss']}")
@@ -178,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--params", default=DEFAULT_PARAMS, type=Path, help="parameters file (default: %(default)s)")
         sub.set_defaults(handler=handler)
         return sub
+
+    params_command = command(commands, "params", _params,
+                             "Show the effective parameters (preset applied), or write a copy with overrides.")
+    params_command.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                                help="override a field, as `dvc exp run -S` does (repeatable)")
+    params_command.add_argument("--out", type=Path, help="write the overridden parameters file here")
 
     data = commands.add_parser("data", help="Dataset commands.", description="Dataset commands.")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
@@ -219,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "Fine-tune a ViT classifier from the pre-trained backbone (or from scratch) on DeepSpeed.")
     source = finetune.add_mutually_exclusive_group()
     source.add_argument("--backbone", help="backbone file (default: <pretrain.out_dir>/backbone.safetensors)")
-    source.add_argument("--scratch", action="store_true", help="random initialisation: the baseline")
+    source.add_argument("--scratch", action="store_true", help="random initialisation, the baseline (default: finetune.init)")
     finetune.add_argument("--data", help="dataset folder (default: data.dir)")
     finetune.add_argument("--out", help="output folder (default: finetune.out_dir)")
     finetune.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/latest if present")

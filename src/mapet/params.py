@@ -22,10 +22,46 @@ def load_params(path: str | os.PathLike = DEFAULT_PARAMS) -> dict[str, Any]:
         params = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise MapetError(f"{path}: not valid YAML ({error})") from error
+    return resolve_params(params, str(path))
+
+
+def resolve_params(params: Any, source: str) -> dict[str, Any]:
+    """A parsed parameters document with its ``preset`` (a name under ``presets``) merged in."""
     if not isinstance(params, dict):
-        raise MapetError(f"{path}: expected a mapping of stage names to settings")
-    params["_path"] = str(path)
-    return params
+        raise MapetError(f"{source}: expected a mapping of stage names to settings")
+    preset = params.get("preset")
+    if preset is not None:
+        presets = params.get("presets") or {}
+        if preset not in presets:
+            raise MapetError(f"{source}: preset {preset!r} is not defined under 'presets' "
+                             f"(defined: {', '.join(presets) or 'none'})")
+        params = merge(params, presets[preset])
+    return {**params, "_path": source}
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``update`` merged in, mapping by mapping (a new dict; neither is changed)."""
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
+    return merged
+
+
+def set_param(params: dict[str, Any], assignment: str) -> None:
+    """Applies ``"pretrain.objective=mim"`` (the syntax of ``dvc exp run -S``) in place; the value
+    is read as YAML, and the field must exist already, so a typo is an error, not a new knob."""
+    dotted, sep, text = assignment.partition("=")
+    if not sep or not dotted.strip():
+        raise MapetError(f"parameter override {assignment!r}: expected FIELD=VALUE, e.g. pretrain.objective=mim")
+    *parents, last = dotted.strip().split(".")
+    holder = param(params, ".".join(parents)) if parents else params
+    if not isinstance(holder, dict) or last not in holder:
+        raise MapetError(f"parameter override {assignment!r}: {params.get('_path', 'params')} has no field {dotted!r}")
+    try:
+        holder[last] = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise MapetError(f"parameter override {assignment!r}: the value is not valid YAML ({error})") from error
 
 
 def param(params: dict[str, Any], dotted: str) -> Any:

@@ -34,6 +34,14 @@ def readers_plan(manifest, split: str, readers: int, micro: int) -> int:
     return int(min(sum(sizes[s] for s in shards[r::readers]) // micro for r in range(readers)))
 
 
+def select_shards(manifest, split: str, max_shards: int) -> tuple:
+    """(the manifest's rows of the first ``max_shards`` shards of ``split``, those shard names);
+    ``max_shards`` 0 keeps them all."""
+    shards = sorted(manifest.loc[manifest["split"] == split, "shard"].unique())
+    shards = shards[:max_shards] if max_shards else shards
+    return manifest[manifest["shard"].isin(shards)], shards
+
+
 def plan_steps(manifest, settings, world: int) -> tuple[int, int]:
     """(optimizer steps per epoch, gradient accumulation) for a loop's global ``batch_size`` of
     ``micro_batch_size`` per rank, every (rank, DataLoader worker) reader supplying the same

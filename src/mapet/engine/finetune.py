@@ -18,7 +18,7 @@ from timm.loss import SoftTargetCrossEntropy
 from mapet.data.dataset import read_description, read_manifest
 from mapet.data.reader import ShardDataset
 from mapet.data.transforms import finetune_transform
-from mapet.engine.common import make_engine, plan_steps, resume_state, train_steps, write_json
+from mapet.engine.common import make_engine, plan_steps, resume_state, select_shards, train_steps, write_json
 from mapet.engine.distributed import init_distributed, teardown
 from mapet.engine.optim import parameter_groups
 from mapet.errors import MapetError
@@ -31,6 +31,7 @@ class FinetuneSettings:
 
     backbone: str = "vit_tiny_patch16_224"
     model_kwargs: dict = field(default_factory=dict)
+    init: str = "pretrained"         # pretrained (the pre-trained backbone) | scratch (the baseline)
     epochs: int = 15
     batch_size: int = 128
     micro_batch_size: int = 128
@@ -74,9 +75,7 @@ def run_finetune(settings: FinetuneSettings, data: Path, backbone_file: Path | N
         raise MapetError(f"{backbone_file}: no backbone file (run `mapet pretrain`, or fine-tune with --scratch)")
     manifest = read_manifest(data)
     classes = read_description(data)["classes"]
-    shards = sorted(manifest.loc[manifest["split"] == settings.split, "shard"].unique())
-    shards = shards[:settings.max_shards] if settings.max_shards else shards
-    manifest = manifest[manifest["shard"].isin(shards)]
+    manifest, shards = select_shards(manifest, settings.split, settings.max_shards)
 
     rank, world, device = init_distributed()
     try:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from mapet.data.dataset import read_manifest
 from mapet.data.reader import ShardDataset
 from mapet.data.transforms import pretrain_transform
-from mapet.engine.common import make_engine, plan_steps, resume_state, train_steps, write_json
+from mapet.engine.common import make_engine, plan_steps, resume_state, select_shards, train_steps, write_json
 from mapet.engine.distributed import init_distributed, teardown
 from mapet.engine.optim import parameter_groups
 from mapet.masking import default_num_predict, sample_orders
@@ -55,6 +55,7 @@ class PretrainSettings:
     seed: int = 42
     workers: int = 1
     split: str = "train"
+    max_shards: int = 0              # the first N shards of the split only; 0: all
     checkpoint_every: int = 100      # optimizer steps
     keep_checkpoints: int = 2
 
@@ -67,6 +68,7 @@ def run_pretrain(settings: PretrainSettings, data: Path, tokens_dir: Path, out: 
     tokens, token_info = load_tokens(tokens_dir, data, expected_grid=grid)      # refuse before any set-up
     manifest = read_manifest(data)
     row_of = {key: row for row, key in enumerate(manifest["key"])}
+    manifest, shards = select_shards(manifest, settings.split, settings.max_shards)
 
     rank, world, device = init_distributed()
     try:
@@ -88,7 +90,7 @@ def run_pretrain(settings: PretrainSettings, data: Path, tokens_dir: Path, out: 
                   f"{steps_per_epoch} steps/epoch, {'resuming at step ' + str(step) if step else 'starting at step 0'}")
 
         dataset = ShardDataset(data, settings.split, pretrain_transform(image_size, settings.color_jitter),
-                               shuffle=True, seed=settings.seed, rank=rank, world_size=world)
+                               shuffle=True, seed=settings.seed, rank=rank, world_size=world, shards=shards)
 
         def micro_step(batch: tuple, seed: int) -> torch.Tensor:
             images, _, keys = batch

@@ -1,0 +1,5 @@
+import sys
+
+from mapet.cli import main
+
+sys.exit(main())
