@@ -1,0 +1,90 @@
+"""The MaPeT pipeline for Kubeflow Pipelines: the `dvc repro` stages as kfp v2 components, after a
+first step that materialises the DVC-pinned data of a git revision on the shared workspace.
+
+    python -m pipelines.mapet_pipeline      # compiles to pipelines/mapet_pipeline.yaml (commit it)
+"""
+
+from pathlib import Path
+
+from kfp import compiler, dsl, kubernetes
+
+from components.data.component import materialize_data
+from components.evaluate.component import evaluate
+from components.finetune.component import finetune
+from components.pretrain.component import pretrain
+from components.tokenize.component import tokenize
+from components.tokenizer.component import build_tokenizer
+from components.validate.component import validate
+
+COMPILED = Path(__file__).with_name("mapet_pipeline.yaml")
+WORKSPACE_MOUNT = "/workspace"
+# Keys of the DVC remote's Secret (k8s/templates/dvc-remote-secret.yaml), exposed as the
+# environment variables DVC's S3 remote reads.
+DVC_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
+
+
+@dsl.pipeline(name="mapet", description="MaPeT: validate -> k-CLIP tokenizer -> tokenize -> pre-train (TrainJob) "
+                                        "-> fine-tune -> evaluate, on the DVC-pinned data of a git revision.")
+def mapet_pipeline(
+    repo_url: str,
+    git_rev: str = "main",
+    param_overrides: list = [],
+    dvc_remote: str = "",
+    dvc_secret: str = "mapet-dvc-remote",
+    workspace: str = WORKSPACE_MOUNT,
+    workspace_pvc: str = "mapet-workspace",
+    backend: str = "trainjob",
+    namespace: str = "",
+    runtime: str = "torch-distributed",
+    runtime_kind: str = "ClusterTrainingRuntime",
+    num_nodes: int = 1,
+    proc_per_node: int = 1,
+    gpus_per_node: int = 1,
+    step_gpus: int = 0,
+    node_selector: dict = {},
+    tolerations: list = [],
+    pretrain_timeout_minutes: int = 0,
+):
+    """repo_url/git_rev: the repository and revision whose data.dvc and params.yaml to run;
+    param_overrides: ["pretrain.objective=mim", "preset=paper", ...]; dvc_remote: overrides the
+    repository's DVC remote (credentials from the Secret dvc_secret); workspace_pvc: the RWX
+    volume mounted at /workspace in every step and TrainJob node; backend: trainjob or local;
+    num_nodes/proc_per_node/gpus_per_node/node_selector/tolerations: the TrainJob's shape;
+    step_gpus: GPUs of the tokenizer, tokenize and fine-tuning steps (0 on CPU clusters)."""
+    data_step = materialize_data(repo_url=repo_url, git_rev=git_rev, workspace=workspace, dvc_remote=dvc_remote,
+                                 param_overrides=param_overrides).set_display_name("materialise data")
+    data_step.set_caching_options(False)                     # a branch name resolves to a new commit over time
+    kubernetes.use_secret_as_env(data_step, secret_name=dvc_secret, secret_key_to_env=DVC_SECRET_KEYS, optional=True)
+    data, params = data_step.outputs["data"], data_step.outputs["params"]
+
+    checked = validate(data=data, params=params).set_display_name("validate")
+    codebook_step = build_tokenizer(data=data, params=params).after(checked).set_display_name("k-CLIP tokenizer")
+    tokens_step = tokenize(data=data, params=params, codebook=codebook_step.outputs["codebook"]) \
+        .set_display_name("tokenize")
+    pretrain_step = pretrain(
+        data=data, tokens=tokens_step.outputs["tokens"], params=params, backend=backend, workspace=workspace,
+        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, task_name=dsl.PIPELINE_TASK_NAME_PLACEHOLDER, namespace=namespace,
+        runtime=runtime, runtime_kind=runtime_kind, num_nodes=num_nodes, proc_per_node=proc_per_node,
+        gpus_per_node=gpus_per_node, node_selector=node_selector, tolerations=tolerations,
+        workspace_pvc=workspace_pvc, timeout_minutes=pretrain_timeout_minutes,
+    ).set_display_name("pre-train (TrainJob)").set_retry(2, backoff_duration="60s")
+    finetune_step = finetune(data=data, params=params, backbone=pretrain_step.outputs["backbone"]) \
+        .set_display_name("fine-tune")
+    evaluate_step = evaluate(data=data, params=params, model=finetune_step.outputs["model"]) \
+        .set_display_name("evaluate")
+
+    for step in (data_step, checked, codebook_step, tokens_step, pretrain_step, finetune_step, evaluate_step):
+        kubernetes.mount_pvc(step, pvc_name=workspace_pvc, mount_path=WORKSPACE_MOUNT)
+    for step in (codebook_step, tokens_step, finetune_step):
+        step.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(step_gpus)
+        kubernetes.add_node_selector_json(step, node_selector)
+        kubernetes.add_toleration_json(step, tolerations)
+
+
+def compile_pipeline(path: Path = COMPILED) -> Path:
+    compiler.Compiler().compile(mapet_pipeline, str(path))
+    return path
+
+
+if __name__ == "__main__":
+    print(f"wrote {compile_pipeline()}")

@@ -1,0 +1,212 @@
+"""The Kubeflow pipeline: the committed YAML is what the code compiles to, and the whole pipeline
+runs under kfp.local (SubprocessRunner, real components, real DVC pull) on a tiny pinned repo."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from pipelines.mapet_pipeline import COMPILED, compile_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+TINY_PARAMS = {
+    "preset": None,
+    "data": {"dir": "data", "format": "fashion-mnist", "source": FASHION_MNIST,
+             "max_per_split": {"train": 64, "test": 20}, "shard_size": 8, "workers": 1},
+    "validate": {"report_dir": "reports/validation", "min_size": 28, "max_size": 4096, "modes": ["L", "RGB"],
+                 "min_images_per_class": 1, "min_class_share": 0.0, "workers": 1},
+    "model": {"backbone": "vit_tiny_patch16_224", "img_size": 28, "patch_size": 4, "depth": 2, "embed_dim": 32,
+              "num_heads": 2, "init_values": 0.1, "drop_path_rate": 0.1},
+    "tokenizer": {"encoder": {"kind": "efficientnet-lite0", "model": None, "pretrained": None, "input_size": 112},
+                  "split": "train", "sample_images": 32, "max_vectors": 800, "k": 16, "iterations": 5, "restarts": 1,
+                  "seed": 0, "batch_size": 16, "workers": 0, "out_dir": "outputs/tokenizer"},
+    "tokenize": {"batch_size": 16, "workers": 0, "out_dir": "outputs/tokens"},
+    "pretrain": {"objective": "mapet", "epochs": 1, "batch_size": 16, "micro_batch_size": 16, "lr": 1e-3,
+                 "warmup_epochs": 0.5, "seed": 7, "workers": 1, "checkpoint_every": 2, "out_dir": "outputs/pretrain"},
+    "finetune": {"init": "pretrained", "epochs": 1, "batch_size": 16, "micro_batch_size": 16, "lr": 1e-3,
+                 "workers": 1, "max_shards": 4, "checkpoint_every": 2, "out_dir": "outputs/finetune"},
+    "evaluate": {"split": "test", "crop_pct": 0.875, "batch_size": 8, "workers": 0, "out_dir": "outputs/evaluate"},
+    "presets": {},
+}
+GIT_IDENTITY = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+                "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}
+
+
+def sh(*argv, cwd):
+    result = subprocess.run(argv, cwd=cwd, capture_output=True, text=True,
+                            env={**os.environ, **GIT_IDENTITY, "DVC_NO_ANALYTICS": "1"})
+    assert result.returncode == 0, f"{argv}: {result.stdout[-2000:]}{result.stderr[-2000:]}"
+    return result.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def pinned_repo(tmp_path_factory):
+    """A git repository whose data.dvc pins a tiny Fashion-MNIST import; its DVC cache serves as
+    the remote the pipeline pulls from."""
+    repo = tmp_path_factory.mktemp("repo")
+    (repo / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
+    sh("git", "init", "--quiet", "--initial-branch=main", cwd=repo)
+    sh(sys.executable, "-m", "mapet", "data", "import", cwd=repo)
+    sh("dvc", "init", "--quiet", cwd=repo)
+    sh("dvc", "add", "--quiet", "data", cwd=repo)
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "commit", "--quiet", "-m", "pin the data", cwd=repo)
+    return repo
+
+
+def test_committed_pipeline_yaml_is_current(tmp_path, monkeypatch):
+    monkeypatch.delenv("MAPET_IMAGE", raising=False)
+    fresh = compile_pipeline(tmp_path / "pipeline.yaml").read_text()
+    assert COMPILED.read_text() == fresh, "pipelines/mapet_pipeline.yaml is stale: run `make pipeline` and commit it"
+
+
+def test_compiled_pipeline_chains_the_steps_and_mounts_the_workspace():
+    spec, platform = yaml.safe_load_all(COMPILED.read_text())
+    tasks = spec["root"]["dag"]["tasks"]
+    assert set(tasks) == {"materialize-data", "validate", "build-tokenizer", "tokenize", "pretrain", "finetune",
+                          "evaluate"}
+    assert tasks["pretrain"]["retryPolicy"]["maxRetryCount"] == 2
+    assert tasks["materialize-data"]["cachingOptions"] == {}                     # never cached
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert all(e["pvcMount"][0]["mountPath"] == "/workspace" for e in executors.values()) and len(executors) == 7
+    assert executors["exec-materialize-data"]["secretAsEnv"][0]["optional"] is True
+    for name, executor in spec["deploymentSpec"]["executors"].items():
+        assert executor["container"]["image"] == "ghcr.io/mapet-project/mapet:0.1.0", name
+        assert "pip install" not in json.dumps(executor["container"]["command"]), name
+
+
+@pytest.mark.slow
+def test_whole_pipeline_runs_under_kfp_local(pinned_repo, tmp_path, monkeypatch):
+    from kfp import local
+
+    from pipelines.mapet_pipeline import mapet_pipeline
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    root = tmp_path / "pipeline-root"
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    workspace = tmp_path / "workspace"
+    mapet_pipeline(repo_url=str(pinned_repo), git_rev="main", dvc_remote=str(pinned_repo / ".dvc" / "cache"),
+                   workspace=str(workspace), backend="local", param_overrides=["pretrain.objective=mim"])
+
+    md5 = yaml.safe_load((pinned_repo / "data.dvc").read_text())["outs"][0]["md5"].removesuffix(".dir")
+    data = workspace / "data" / md5
+    assert (data / ".complete").read_text().strip() == sh("git", "rev-parse", "HEAD", cwd=pinned_repo)
+    assert sorted(p.name for p in (data / "shards").iterdir())[:2] == ["test-00000.tar", "test-00001.tar"]
+    [job] = list((workspace / "jobs").iterdir())
+    assert yaml.safe_load((job / "params.yaml").read_text())["pretrain"]["objective"] == "mim"   # the override
+    pretrain_metrics = json.loads((job / "out" / "metrics.json").read_text())
+    assert pretrain_metrics["objective"] == "mim" and pretrain_metrics["steps"] == 4
+
+    [run] = list(root.iterdir())
+    outputs = {p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()}
+    for expected in ("validate/report", "build-tokenizer/codebook", "tokenize/report", "tokenize/tokens/tokens.npy",
+                     "pretrain/backbone", "finetune/model"):
+        assert expected in outputs, sorted(outputs)
+    evaluated = json.loads((run / "evaluate" / "executor_output.json").read_text())["artifacts"]
+    metrics = evaluated["metrics"]["artifacts"][0]["metadata"]
+    assert metrics["images"] == 20 and 0 <= metrics["top1"] <= metrics["top5"] <= 1
+    matrix = evaluated["confusion"]["artifacts"][0]["metadata"]["confusionMatrix"]
+    assert len(matrix["annotationSpecs"]) == 10 and sum(map(sum, (r["row"] for r in matrix["rows"]))) == 20
+    correct = sum(row["row"][i] for i, row in enumerate(matrix["rows"]))
+    assert correct / 20 == pytest.approx(metrics["top1"])
+    described = json.loads((run / "materialize-data" / "executor_output.json").read_text())["artifacts"]
+    assert described["data"]["artifacts"][0]["metadata"]["data_md5"] == md5
+
+
+class FakeKfpClient:
+    """The kfp.Client calls the commands make, over lists (no Kubeflow can run here)."""
+
+    def __init__(self):
+        self.pipelines, self.versions, self.runs, self.recurring, self.experiments = {}, [], [], [], {}
+
+    def get_pipeline_id(self, name):
+        return self.pipelines.get(name)
+
+    def upload_pipeline(self, path, pipeline_name):
+        assert Path(path) == COMPILED
+        self.pipelines[pipeline_name] = f"p-{len(self.pipelines)}"
+        return SimpleNamespace(pipeline_id=self.pipelines[pipeline_name])
+
+    def list_pipeline_versions(self, pipeline_id, page_size):
+        return SimpleNamespace(pipeline_versions=[v for v in self.versions if v.pipeline_id == pipeline_id] or None)
+
+    def upload_pipeline_version(self, path, pipeline_version_name, pipeline_id):
+        version = SimpleNamespace(display_name=pipeline_version_name, pipeline_id=pipeline_id,
+                                  pipeline_version_id=f"v-{len(self.versions)}")
+        self.versions.append(version)
+        return version
+
+    def create_experiment(self, name):
+        return SimpleNamespace(experiment_id=self.experiments.setdefault(name, f"e-{len(self.experiments)}"))
+
+    def run_pipeline(self, **run):
+        self.runs.append(run)
+        return SimpleNamespace(run_id=f"r-{len(self.runs)}")
+
+    def list_recurring_runs(self, experiment_id, page_size):
+        return SimpleNamespace(recurring_runs=[r for r in self.recurring if r.experiment_id == experiment_id])
+
+    def delete_recurring_run(self, recurring_run_id):
+        self.recurring = [r for r in self.recurring if r.recurring_run_id != recurring_run_id]
+
+    def create_recurring_run(self, **run):
+        created = SimpleNamespace(display_name=run["job_name"], recurring_run_id=f"rr-{len(self.runs)}-{run['params']}",
+                                  **run)
+        self.recurring.append(created)
+        return created
+
+
+def test_version_name_names_the_commit_and_the_data_and_refuses_a_dirty_checkout(pinned_repo, tmp_path):
+    from mapet.errors import MapetError
+    from pipelines.cli import version_name
+
+    md5 = yaml.safe_load((pinned_repo / "data.dvc").read_text())["outs"][0]["md5"]
+    commit = sh("git", "rev-parse", "HEAD", cwd=pinned_repo)
+    assert version_name(pinned_repo) == f"{commit[:12]}-data-{md5[:8]}"
+    params = pinned_repo / "params.yaml"
+    original = params.read_text()
+    params.write_text(original + "\n# edited\n")
+    try:
+        with pytest.raises(MapetError, match="uncommitted changes"):
+            version_name(pinned_repo)
+    finally:
+        params.write_text(original)
+
+
+def test_upload_is_idempotent_and_schedule_replaces_the_recurring_run():
+    from pipelines.cli import schedule, start_run, upload
+
+    client = FakeKfpClient()
+    settings = {"name": "mapet", "experiment": "mapet",
+                "schedule": {"name": "mapet-retrain", "cron": "0 0 3 * * 1", "max_concurrency": 1}}
+    first = upload(client, "mapet", "abc123-data-0f0f")
+    assert upload(client, "mapet", "abc123-data-0f0f") == first and len(client.versions) == 1
+    second = upload(client, "mapet", "def456-data-0f0f")
+    assert second[0] == first[0] and second[1] != first[1] and len(client.versions) == 2
+
+    start_run(client, settings, *second, "def456-data-0f0f", {"repo_url": "u", "git_rev": "def456"})
+    [run] = client.runs
+    assert (run["pipeline_id"], run["version_id"], run["job_name"]) == (*second, "mapet-def456-data-0f0f")
+    assert run["params"] == {"repo_url": "u", "git_rev": "def456"}
+
+    schedule(client, settings, *first, {"repo_url": "u", "git_rev": "main"})
+    schedule(client, settings, *second, {"repo_url": "u", "git_rev": "main", "num_nodes": 2})
+    [recurring] = client.recurring
+    assert recurring.version_id == second[1] and recurring.cron_expression == "0 0 3 * * 1"
+    assert recurring.params["num_nodes"] == 2 and recurring.no_catchup and recurring.max_concurrency == 1
+
+
+def test_commands_refuse_a_stale_compiled_pipeline(monkeypatch, capsys):
+    from pipelines import cli
+
+    monkeypatch.setattr(cli, "compile_pipeline", lambda path: Path(path).write_text("stale") and Path(path))
+    assert cli.main(["upload", "--host", "http://kfp.invalid"]) == 2
+    assert "is stale" in capsys.readouterr().err
