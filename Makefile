@@ -9,7 +9,9 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 export HF_HUB_OFFLINE := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: demo test setup debian lock benchmark clean
+IMAGE ?= ghcr.io/mapet-project/mapet:0.1.0
+
+.PHONY: demo test setup debian lock benchmark pipeline image clean
 
 demo: setup data/manifest.parquet
 	dvc repro
@@ -29,6 +31,7 @@ setup: debian $(INSTALLED)
 debian:
 	@missing=$$(for p in $(DEBIAN_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	command -v kubectl >/dev/null || missing="$$missing kubernetes-client"; \
 	if [ -n "$$missing" ]; then $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $$missing; fi
 
 $(INSTALLED): requirements.lock pyproject.toml
@@ -47,6 +50,14 @@ lock:
 
 benchmark: setup
 	python benchmarks/pretrain_step.py
+
+# The Kubeflow pipeline compiled against $(IMAGE); commit pipelines/mapet_pipeline.yaml.
+pipeline: setup
+	MAPET_IMAGE=$(IMAGE) python -m pipelines.cli compile
+
+# The project image (needs a Docker engine): make image IMAGE=registry/mapet:tag && docker push ...
+image:
+	docker build -f components/Dockerfile -t $(IMAGE) .
 
 clean:
 	rm -rf $(VENV)
