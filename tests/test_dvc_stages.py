@@ -1,0 +1,66 @@
+"""dvc.yaml on a tiny pinned repository, with real DVC: `dvc repro` runs the six stages and leaves
+a clean `dvc status` with metrics and plots declared, and an experiment that changes the
+objective reruns pre-training and what follows it, nothing before."""
+
+import json
+import os
+import re
+
+import pytest
+import yaml
+
+from tests.tiny_repo import make_pinned_repo, sh
+
+pytestmark = pytest.mark.slow
+STAGES = ["validate", "tokenizer", "tokenize", "pretrain", "finetune", "evaluate"]
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory):
+    repo = make_pinned_repo(tmp_path_factory.mktemp("dvc-repo"), with_stages=True)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(name, None)
+    output = sh("dvc", "repro", cwd=repo)
+    return repo, output
+
+
+def ran(output: str) -> list[str]:
+    return re.findall(r"Running stage '([\w-]+)'", output)
+
+
+def test_repro_runs_every_stage_in_order_and_leaves_status_clean(reproduced):
+    repo, output = reproduced
+    assert ran(output) == STAGES
+    assert sh("dvc", "status", "--json", cwd=repo) == "{}"
+    metrics = json.loads(sh("dvc", "metrics", "show", "--json", cwd=repo))
+    files = next(iter(metrics.values()))["data"]
+    evaluate = files["outputs/evaluate/metrics.json"]["data"]
+    assert evaluate["images"] == 20 and 0 <= evaluate["top1"] <= evaluate["top5"] <= 1
+    assert files["outputs/pretrain/metrics.json"]["data"]["objective"] == "mapet"
+    assert files["reports/validation/validation.json"]["data"]["success"] is True
+    plots = sh("dvc", "plots", "show", "--json", "--split", cwd=repo)
+    for plot in ("outputs/pretrain/history.json", "outputs/finetune/history.json", "outputs/evaluate/predictions.csv"):
+        assert plot in plots
+
+
+def test_objective_experiment_reruns_pretraining_and_what_follows_only(reproduced):
+    repo, _ = reproduced
+    output = sh("dvc", "exp", "run", "-n", "mim", "-S", "pretrain.objective=mim", cwd=repo)
+    assert ran(output) == ["pretrain", "finetune", "evaluate"]
+    shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=repo))
+    experiments = [e for entry in shown for e in entry.get("experiments") or []]
+    [mim] = [e for e in experiments if e.get("name") == "mim"]
+    params = mim["revs"][0]["data"]["params"]["params.yaml"]["data"]
+    assert params["pretrain"]["objective"] == "mim"
+
+
+def test_preset_choice_is_a_dependency_of_every_stage(reproduced):
+    repo, _ = reproduced
+    assert sh("dvc", "status", "--json", cwd=repo) == "{}"
+    params = (repo / "params.yaml").read_text()
+    (repo / "params.yaml").write_text(yaml.safe_dump({**yaml.safe_load(params), "preset": "paper"}))
+    try:
+        changed = json.loads(sh("dvc", "status", "--json", cwd=repo))
+        assert sorted(changed) == sorted(STAGES)
+    finally:
+        (repo / "params.yaml").write_text(params)
