@@ -69,7 +69,8 @@ def run_evaluate(model_file: Path, data: Path, split: str, out: Path, crop_pct: 
     all_logits, all_labels, keys = [], [], []
     with torch.no_grad():
         for images, labels, batch_keys in tqdm(DataLoader(dataset, batch_size=batch_size, num_workers=workers),
-                                               desc=f"evaluate {split}", unit="batch", disable=not progress):
+                                               total=-(-dataset.num_images // batch_size), desc=f"evaluate {split}",
+                                               unit="batch", disable=not progress):
             all_logits.append(model(images))
             all_labels.append(labels)
             keys.extend(batch_keys)
