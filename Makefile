@@ -15,6 +15,7 @@ IMAGE ?= ghcr.io/mapet-project/mapet:0.1.0
 
 demo: setup data/manifest.parquet
 	dvc repro
+	dvc metrics show
 
 test: setup
 	python -m pytest
