@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -74,22 +76,36 @@ def param(params: dict[str, Any], dotted: str) -> Any:
     return value
 
 
+def _number_kind(hint: Any) -> type | None:
+    """int or float for a field annotated with it (also ``float | None``); None otherwise."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    kinds = [kind for kind in options if kind in (int, float)]
+    return kinds[0] if len(kinds) == 1 else None
+
+
 def build_settings(section: str, values: dict[str, Any], cls: type, ignore: tuple[str, ...] = ()) -> Any:
-    """``cls(**values)`` for a dataclass of settings, with each number coerced to the type of the
-    field's default (YAML reads ``1e-3`` as a string). Unknown names and bad values are errors
-    naming ``section.field``."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(values) - set(fields) - set(ignore)
+    """``cls(**values)`` for a dataclass of settings, with each number converted to the type its
+    field is annotated with (YAML reads ``1e-3`` as a string). An integer field refuses a
+    fraction rather than truncating it. Unknown names and bad values are errors naming
+    ``section.field``."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - fields - set(ignore)
     if unknown:
         raise MapetError(f"params: unknown setting(s) {', '.join(f'{section}.{name}' for name in sorted(unknown))}")
     typed = {}
     for name, value in values.items():
         if name in ignore:
             continue
-        default = fields[name].default
-        kind = type(default) if isinstance(default, (int, float)) and not isinstance(default, bool) else None
+        kind = _number_kind(hints[name])
+        if kind is None or value is None:
+            typed[name] = value
+            continue
         try:
-            typed[name] = kind(value) if kind is not None and value is not None else value
+            number = float(value)
         except (TypeError, ValueError) as error:
             raise MapetError(f"params: {section}.{name} must be a number, got {value!r}") from error
+        if kind is int and not number.is_integer():
+            raise MapetError(f"params: {section}.{name} must be a whole number, got {value!r}")
+        typed[name] = kind(number)
     return cls(**typed)
