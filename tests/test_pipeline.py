@@ -168,3 +168,15 @@ def test_commands_refuse_a_stale_compiled_pipeline(monkeypatch, capsys):
     monkeypatch.setattr(cli, "compile_pipeline", lambda path: Path(path).write_text("stale") and Path(path))
     assert cli.main(["upload", "--host", "http://kfp.invalid"]) == 2
     assert "is stale" in capsys.readouterr().err
+
+
+def test_run_arguments_take_params_defaults_then_typed_overrides():
+    from mapet.errors import MapetError
+    from pipelines.cli import run_arguments
+
+    settings = {"repo_url": "https://git.example/mapet.git", "arguments": {"backend": "trainjob", "num_nodes": 1}}
+    arguments = run_arguments(settings, ["num_nodes=2", 'param_overrides=["preset=paper"]', "backend=local"], "abc")
+    assert arguments == {"repo_url": "https://git.example/mapet.git", "git_rev": "abc", "backend": "local",
+                         "num_nodes": 2, "param_overrides": ["preset=paper"]}
+    with pytest.raises(MapetError, match="expected NAME=VALUE"):
+        run_arguments(settings, ["num_nodes"], "abc")
