@@ -1,6 +1,6 @@
 """dvc.yaml on a tiny pinned repository, with real DVC: `dvc repro` runs the six stages and leaves
 a clean `dvc status` with metrics and plots declared, and an experiment that changes the
-objective reruns pre-training and what follows it, nothing before."""
+objective reruns pre-training and what follows it, nothing before, and carries its metrics."""
 
 import json
 import os
@@ -50,8 +50,11 @@ def test_objective_experiment_reruns_pretraining_and_what_follows_only(reproduce
     shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=repo))
     experiments = [e for entry in shown for e in entry.get("experiments") or []]
     [mim] = [e for e in experiments if e.get("name") == "mim"]
-    params = mim["revs"][0]["data"]["params"]["params.yaml"]["data"]
-    assert params["pretrain"]["objective"] == "mim"
+    data = mim["revs"][0]["data"]
+    assert data["params"]["params.yaml"]["data"]["pretrain"]["objective"] == "mim"
+    metrics = data["metrics"]                       # committed with the experiment, so comparable
+    assert metrics["outputs/pretrain/metrics.json"]["data"]["objective"] == "mim"
+    assert 0 <= metrics["outputs/evaluate/metrics.json"]["data"]["top1"] <= 1
 
 
 def test_preset_choice_is_a_dependency_of_every_stage(reproduced):

@@ -48,7 +48,7 @@ def make_pinned_repo(repo: Path, with_stages: bool = False) -> Path:
     if with_stages:
         shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
         shutil.copytree(ROOT / "src" / "mapet", repo / "src" / "mapet", ignore=shutil.ignore_patterns("__pycache__"))
-        (repo / ".gitignore").write_text("/data\n/outputs/\n/reports/\n")
+        shutil.copy(ROOT / ".gitignore", repo / ".gitignore")
     sh("git", "init", "--quiet", "--initial-branch=main", cwd=repo)
     sh(sys.executable, "-m", "mapet", "data", "import", cwd=repo)
     sh("dvc", "init", "--quiet", cwd=repo)
