@@ -120,9 +120,10 @@ def run_locally(arguments: dict) -> None:
 
     from pipelines.mapet_pipeline import mapet_pipeline
 
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(ROOT / "outputs" / "kfp-local"),
-               raise_on_error=True)
+    root = ROOT / "outputs" / "kfp-local"
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     mapet_pipeline(**arguments)
+    print(f"outputs of each step: {max(root.iterdir(), key=lambda p: p.stat().st_mtime)}/<step>/")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {compile_pipeline()}")
             return 0
         if args.command == "local":
-            workspace = ROOT / "outputs" / "kfp-workspace"
+            workspace = ROOT / "outputs" / "pipeline-workspace"       # not ".../kfp-workspace": kfp.local rewrites that
             run_locally(run_arguments({**settings, "repo_url": str(ROOT), "arguments": {}},
                                       [f"workspace={workspace}", "backend=local", "dvc_remote=" + str(ROOT / ".dvc" / "cache"),
                                        *args.set], git("rev-parse", "HEAD")))
