@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +48,8 @@ def version_name(repo: Path = ROOT) -> str:
 
 
 def check_compiled() -> None:
-    fresh = compile_pipeline(COMPILED.with_suffix(".yaml.fresh"))
-    stale = fresh.read_text() != COMPILED.read_text()
-    fresh.unlink()
+    with tempfile.TemporaryDirectory() as scratch:
+        stale = compile_pipeline(Path(scratch) / COMPILED.name).read_text() != COMPILED.read_text()
     if stale:
         raise MapetError(f"{COMPILED} is stale: run `python -m pipelines.cli compile` (or `make pipeline`) and commit")
 

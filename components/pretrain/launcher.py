@@ -52,7 +52,6 @@ class TrainJobRequest:
     workspace_pvc: str = "mapet-workspace"
     workspace_path: str = "/workspace"
     env: dict[str, str] = field(default_factory=dict)
-    service_account: str = ""
 
 
 def trainjob_name(run: str, task: str, prefix: str = "mapet-pretrain") -> str:
@@ -80,8 +79,6 @@ def trainjob_manifest(request: TrainJobRequest) -> dict[str, Any]:
         pod["nodeSelector"] = dict(request.node_selector)
     if request.tolerations:
         pod["tolerations"] = [dict(t) for t in request.tolerations]
-    if request.service_account:
-        pod["serviceAccountName"] = request.service_account
     spec = {
         "runtimeRef": {"apiGroup": GROUP, "kind": request.runtime_kind, "name": request.runtime},
         "trainer": trainer,
