@@ -105,5 +105,9 @@ def test_strict_validation_catches_a_misspelt_field():
     runtime = by_kind(render("cpu-smoke"))["TrainingRuntime"]
     pod = pod_templates(runtime)[0]["spec"]
     pod["containers"][0]["volumeMount"] = pod["containers"][0].pop("volumeMounts")
-    with pytest.raises(Exception):
+    with pytest.raises(AssertionError, match="TrainingRuntime: unknown or misspelt fields"):
         validate(runtime)
+    namespace = by_kind(render("cpu-smoke"))["Namespace"]
+    namespace["metadata"]["lables"] = {"a": "b"}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate(namespace)
