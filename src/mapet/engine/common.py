@@ -75,7 +75,21 @@ def make_engine(settings, model: torch.nn.Module, groups: list[dict], steps_per_
     bf16 = device.type == "cuda" if settings.bf16 is None else settings.bf16
     config = deepspeed_config(settings.micro_batch_size, accum, settings.grad_clip, settings.zero_stage, bf16)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    if use_compile(settings.compile, device):
+        engine.compile(backend="inductor")      # compiles the module in place: its weight names stay as they are
     return engine, bf16
+
+
+def use_compile(setting: bool | str, device: torch.device) -> bool:
+    """A loop's ``compile`` setting: ``auto`` compiles on GPUs only."""
+    return device.type == "cuda" if setting == "auto" else setting
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has made in this process so far (a count that grows on recompilation)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def micro_batch_seed(seed: int, step: int, micro: int, accum: int, world: int, rank: int) -> int:
@@ -114,7 +128,9 @@ def resume_state(engine, folder: Path) -> dict[str, Any] | None:
 def train_steps(engine, dataset, settings, *, world: int, rank: int, accum: int, steps_per_epoch: int, step: int,
                 history: list[dict], checkpoints: Path, micro_step: Callable[[tuple, int], torch.Tensor],
                 record_of: Callable[[torch.Tensor], dict], desc: str, progress: bool = True) -> float:
-    """Optimizer steps from ``step`` to the end of the last epoch; returns images/s.
+    """Optimizer steps from ``step`` to the end of the last epoch; returns images/s after the first
+    step (which includes compilation) and the graphs torch.compile made after it (0 unless it
+    recompiled).
 
     ``micro_step(batch, seed)`` runs forward, backward and ``engine.step()`` on one micro-batch
     and returns a tensor of sums; they are added over the step's micro-batches and all ranks,
@@ -123,7 +139,7 @@ def train_steps(engine, dataset, settings, *, world: int, rank: int, accum: int,
     """
     total_steps = settings.epochs * steps_per_epoch
     bar = tqdm(total=total_steps, initial=step, desc=desc, unit="step", disable=not progress or rank != 0)
-    started, images = time.perf_counter(), 0
+    first_step, started, images, graphs = step + 1, time.perf_counter(), 0, 0
     while step < total_steps:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         dataset.set_epoch(epoch)
@@ -134,16 +150,23 @@ def train_steps(engine, dataset, settings, *, world: int, rank: int, accum: int,
                        for micro in range(accum))
             dist.all_reduce(sums)
             step += 1
-            images += settings.batch_size
+            if step == first_step:          # the rate leaves out the first step, which compiles and warms up
+                started, graphs = time.perf_counter(), compiled_graphs()
+            else:
+                images += settings.batch_size
             record = {"step": step, "epoch": epoch, **record_of(sums), "lr": max(engine.lr_scheduler.get_last_lr())}
             history.append(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
-                            img_s=f"{images / (time.perf_counter() - started):.0f}")
+                            img_s=f"{images / max(time.perf_counter() - started, 1e-9):.0f}")
             if step % settings.checkpoint_every == 0 or step == total_steps:
                 checkpoint(engine, checkpoints, step, history, rank, settings.keep_checkpoints)
     bar.close()
-    return round(images / max(time.perf_counter() - started, 1e-9), 1)
+    recompiled = compiled_graphs() - graphs if step >= first_step else 0
+    if recompiled and rank == 0:
+        print(f"warning: {desc}: torch.compile made {recompiled} more graph(s) after the first step (recompilation); "
+              f"run with TORCH_LOGS=recompiles to see why")
+    return {"images_per_s": round(images / max(time.perf_counter() - started, 1e-9), 1), "recompilations": recompiled}
 
 
 def loop_settings(section: str, values: dict, model: dict, cls: type, model_keys_owned: tuple[str, ...] = ()):
@@ -154,5 +177,7 @@ def loop_settings(section: str, values: dict, model: dict, cls: type, model_keys
         if required not in model_kwargs:
             raise MapetError(f"params: model.{required} is required")
     result = build_settings(section, values, cls, ignore=("out_dir",))
+    if result.compile not in ("auto", True, False):
+        raise MapetError(f"params: {section}.compile must be auto, true or false, got {result.compile!r}")
     result.backbone, result.model_kwargs = model.get("backbone", result.backbone), model_kwargs
     return result

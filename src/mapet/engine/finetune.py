@@ -51,6 +51,7 @@ class FinetuneSettings:
     grad_clip: float = 0.0
     zero_stage: int = 1
     bf16: bool | None = None
+    compile: bool | str = "auto"     # torch.compile; auto: on GPUs only
     seed: int = 0
     workers: int = 1
     split: str = "train"
@@ -116,13 +117,13 @@ def run_finetune(settings: FinetuneSettings, data: Path, backbone_file: Path | N
             engine.step()
             return torch.stack([loss.detach().float(), torch.ones((), device=device)])
 
-        images_per_s = train_steps(engine, dataset, settings, world=world, rank=rank, accum=accum,
+        speed = train_steps(engine, dataset, settings, world=world, rank=rank, accum=accum,
                                    steps_per_epoch=steps_per_epoch, step=step, history=history,
                                    checkpoints=checkpoints, micro_step=micro_step,
                                    record_of=lambda sums: {"loss": round((sums[0] / sums[1]).item(), 5)},
                                    desc="finetune", progress=progress)
         metrics = {"steps": len(history), "loss": history[-1]["loss"],
-                   "initialised_from": str(backbone_file or "scratch"), "images_per_s": images_per_s}
+                   "initialised_from": str(backbone_file or "scratch"), **speed}
         if rank == 0:
             save_classifier(engine.module, settings.backbone, kwargs, classes, out / "model.safetensors",
                             {"backbone_file": str(backbone_file or "scratch")})

@@ -51,6 +51,7 @@ class PretrainSettings:
     grad_clip: float = 3.0
     zero_stage: int = 1
     bf16: bool | None = None         # None: on GPUs only
+    compile: bool | str = "auto"     # torch.compile; auto: on GPUs only
     color_jitter: float = 0.0
     seed: int = 42
     workers: int = 1
@@ -110,12 +111,12 @@ def run_pretrain(settings: PretrainSettings, data: Path, tokens_dir: Path, out: 
         def record_of(sums: torch.Tensor) -> dict:
             return {"loss": round((sums[0] / sums[2]).item(), 5), "token_accuracy": round((sums[1] / sums[2]).item(), 5)}
 
-        images_per_s = train_steps(engine, dataset, settings, world=world, rank=rank, accum=accum,
+        speed = train_steps(engine, dataset, settings, world=world, rank=rank, accum=accum,
                                    steps_per_epoch=steps_per_epoch, step=step, history=history,
                                    checkpoints=checkpoints, micro_step=micro_step, record_of=record_of,
                                    desc=f"pretrain {settings.objective}", progress=progress)
         metrics = {"objective": settings.objective, "steps": len(history), "loss": history[-1]["loss"],
-                   "token_accuracy": history[-1]["token_accuracy"], "images_per_s": images_per_s}
+                   "token_accuracy": history[-1]["token_accuracy"], **speed}
         if rank == 0:
             provenance = {"tokens": {k: token_info[k] for k in ("encoder", "k", "manifest_sha256", "codebook_sha256")}}
             save_pretrain_model(engine.module, out / "model.safetensors", provenance)

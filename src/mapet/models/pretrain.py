@@ -156,6 +156,7 @@ class TwoStreamModel(PretrainModel):
         super().__init__(backbone, vocab_size)
         self.mask_tokens = mask_tokens
         self.objective = "mapet" if mask_tokens else "plm"
+        self._mask_cache: dict[tuple[int, torch.device], tuple[int, torch.Tensor]] = {}
 
     def _layout(self, num_predict: int, device: torch.device) -> torch.Tensor:
         """Index into this layout of each key of :func:`two_stream_mask` for ranks 0..N."""
@@ -166,8 +167,17 @@ class TwoStreamModel(PretrainModel):
         mask_tokens = torch.arange(num_context, num_context + shift, device=device)
         return torch.cat([content, mask_tokens])
 
+    @torch.compiler.disable
     def _attention_masks(self, num_predict: int, device: torch.device) -> tuple[int, torch.Tensor]:
-        """Prefix length, and the mask of the predicted content rows stacked over the query rows."""
+        """Prefix length, and the mask of the predicted content rows stacked over the query rows;
+        built once per (num_predict, device) and reused, outside any compiled graph, which takes
+        the mask as an input."""
+        key = (num_predict, device)
+        if key not in self._mask_cache:
+            self._mask_cache[key] = self._build_attention_masks(num_predict, device)
+        return self._mask_cache[key]
+
+    def _build_attention_masks(self, num_predict: int, device: torch.device) -> tuple[int, torch.Tensor]:
         ranks_in_sequence = torch.arange(1 + self.num_patches, device=device)[None]
         mask = two_stream_mask(ranks_in_sequence, num_predict, self.mask_tokens)[0]
         mask = mask[:, self._layout(num_predict, device).argsort()]     # columns in stream order
@@ -192,8 +202,8 @@ class TwoStreamModel(PretrainModel):
 
     def forward(self, images: torch.Tensor, order: torch.Tensor, num_predict: int) -> torch.Tensor:
         self._check(images, order, num_predict)
-        content, query = self._streams(images, order, num_predict)
         masks = self._attention_masks(num_predict, images.device)
+        content, query = self._streams(images, order, num_predict)
         *blocks, last = self.backbone.blocks
         for block in blocks:
             content, query = _two_stream_block(block, content, query, *masks)
@@ -204,8 +214,8 @@ class TwoStreamModel(PretrainModel):
                          num_predict: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Both streams after the final norm: content (B, 1 + N, dim) in raster order, query (B, M, dim)."""
         self._check(images, order, num_predict)
-        content, query = self._streams(images, order, num_predict)
         masks = self._attention_masks(num_predict, images.device)
+        content, query = self._streams(images, order, num_predict)
         for block in self.backbone.blocks:
             content, query = _two_stream_block(block, content, query, *masks)
         stream_index = self._layout(num_predict, images.device)[ranks_from_orders(order)]  # (B, 1 + N)
