@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 OBJECTIVES = ("mapet", "plm", "mim")
@@ -52,61 +53,51 @@ def random_orders(batch_size: int, num_patches: int, generator: torch.Generator 
     return torch.rand(batch_size, num_patches, generator=generator, device=device).argsort(dim=1)
 
 
-def _blockwise_mask(grid: tuple[int, int], num_masked: int, min_block: int, max_aspect: float,
-                    generator: torch.Generator | None) -> torch.Tensor:
-    """BEiT block-wise masking of exactly ``num_masked`` patches of a (H, W) grid.
-
-    Rectangles of at least ``min_block`` patches with aspect ratio in [1/max_aspect, max_aspect]
-    are added until the target is reached; when ten draws in a row add nothing (a small grid
-    that is nearly full), the remaining patches are masked one at a time at random.
-    """
-    height, width = grid
-    mask = torch.zeros(height, width, dtype=torch.bool)
-
-    def uniform(low: float, high: float) -> float:
-        return low + (high - low) * torch.rand((), generator=generator).item()
-
-    def randint(high: int) -> int:
-        return int(torch.randint(high, (), generator=generator).item())
-
-    failures = 0
-    while int(mask.sum()) < num_masked and failures < 10:
-        remaining = num_masked - int(mask.sum())
-        area = uniform(min(min_block, remaining), remaining)
-        aspect = math.exp(uniform(-math.log(max_aspect), math.log(max_aspect)))
-        h = round(math.sqrt(area * aspect))
-        w = round(math.sqrt(area / aspect))
-        if not (0 < h <= height and 0 < w <= width):
-            failures += 1
-            continue
-        top, left = randint(height - h + 1), randint(width - w + 1)
-        block = mask[top:top + h, left:left + w]
-        new = int((~block).sum())
-        if 0 < new <= remaining:
-            block.fill_(True)
-            failures = 0
-        else:
-            failures += 1
-    flat = mask.flatten()
-    missing = num_masked - int(flat.sum())
-    if missing > 0:
-        free = (~flat).nonzero().squeeze(1)
-        flat[free[torch.randperm(free.numel(), generator=generator)[:missing]]] = True
-    return flat
-
-
 def blockwise_orders(batch_size: int, grid: tuple[int, int], num_predict: int,
                      generator: torch.Generator | None = None, min_block: int = 16,
                      max_aspect: float = 1 / 0.3) -> torch.Tensor:
     """Orders for MIM: each row lists its unmasked patches, then its ``num_predict`` masked ones.
 
-    Both parts are in random order; the masked set is a BEiT block-wise mask. Uses a CPU generator.
+    Both parts are in random order; the masked set is a BEiT block-wise mask. Every row draws
+    rectangles of at least ``min_block`` patches with aspect ratio in [1/max_aspect, max_aspect],
+    keeping those that add patches without passing the target, until it is reached; a row whose
+    last ten draws added nothing (a small grid that is nearly full) gets its remaining patches
+    uniformly at random. All rows draw at once. Returns (B, N) long, N = H * W; uses a CPU generator.
     """
-    num_patches = grid[0] * grid[1]
-    masks = torch.stack([_blockwise_mask(grid, num_predict, min_block, max_aspect, generator)
-                         for _ in range(batch_size)])
-    tiebreak = torch.rand(batch_size, num_patches, generator=generator)
-    return (masks.float() + tiebreak).argsort(dim=1)
+    height, width = grid
+    num_patches = height * width
+    grid_rows, grid_cols = np.arange(height), np.arange(width)
+    masked = np.zeros((batch_size, height, width), dtype=bool)
+    rows = np.arange(batch_size if num_predict > 0 else 0)  # rows still drawing rectangles
+    remaining = np.full(len(rows), num_predict)
+    failures = np.zeros(len(rows), dtype=np.int64)
+    log_aspect = math.log(max_aspect)
+    while len(rows):
+        u = torch.rand(len(rows), 4, generator=generator, dtype=torch.float64).numpy()
+        low = np.minimum(remaining, min_block)
+        area = low + (remaining - low) * u[:, 0]
+        aspect = np.exp(log_aspect * (2 * u[:, 1] - 1))
+        h = np.rint(np.sqrt(area * aspect)).astype(np.int64)
+        w = np.rint(np.sqrt(area / aspect)).astype(np.int64)
+        top = (u[:, 2] * (height - h + 1)).astype(np.int64)
+        left = (u[:, 3] * (width - w + 1)).astype(np.int64)
+        block = (((grid_rows >= top[:, None]) & (grid_rows < (top + h)[:, None]))[:, :, None]
+                 & ((grid_cols >= left[:, None]) & (grid_cols < (left + w)[:, None]))[:, None, :])
+        new = h * w - np.count_nonzero(block & masked[rows], axis=(1, 2))
+        accept = (h > 0) & (h <= height) & (w > 0) & (w <= width) & (new > 0) & (new <= remaining)
+        masked[rows[accept]] |= block[accept]
+        remaining = remaining - new * accept
+        failures = np.where(accept, 0, failures + 1)
+        keep = (remaining > 0) & (failures < 10)
+        rows, remaining, failures = rows[keep], remaining[keep], failures[keep]
+    # Masked patches sort last; the free ones with the largest keys fill what the rectangles left.
+    # That puts the fill before the rectangles' patches, so the predicted part is shuffled again.
+    keys = torch.rand(batch_size, num_patches, generator=generator, dtype=torch.float64).numpy()
+    order = (keys + 2 * masked.reshape(batch_size, num_patches)).argsort(axis=1)
+    num_context = num_patches - num_predict
+    shuffle = torch.rand(batch_size, num_predict, generator=generator, dtype=torch.float64).numpy()
+    order[:, num_context:] = np.take_along_axis(order[:, num_context:], shuffle.argsort(axis=1), axis=1)
+    return torch.from_numpy(order)
 
 
 def sample_orders(objective: str, batch_size: int, grid: tuple[int, int], num_predict: int,
