@@ -1,37 +1,61 @@
 #!/usr/bin/env bash
-# The GPU checks, as one script for a machine with one NVIDIA GPU (results go to BENCHMARKS.md):
-#   1. benchmarks/pretrain_step.py on CUDA: ViT-B/16 at 224, batch 128, bf16 (MaPeT/PLM/MIM vs ViT);
-#   2. the demo's pretrain -> finetune -> evaluate on the GPU: torchrun, NCCL, DeepSpeed ZeRO-1, bf16,
-#      over all 12,000 demo training images.
-# Needs data/ and outputs/tokens/ from `make demo`. Where the mapet environment is not installed,
-# wheels in .whl/ are installed into /tmp/site first. Results land in $OUT (default /tmp/gpu_check).
+# The GPU checks of the open issues, as one script for a machine with one NVIDIA GPU, the most
+# important first. Each result lands in $OUT (default /tmp/gpu_check) as soon as it exists, and a
+# check that fails or runs out of time does not stop the next (the lease is short). Numbers go to
+# BENCHMARKS.md with the card's name.
+#   1. pretrain_step.json: benchmarks/pretrain_step.py --compile, ViT-B/16 at 224, batch 128, bf16:
+#      ViT, MaPeT, PLM, MIM and the token head alone, eager and compiled, interleaved;
+#   2. pretrain_loop.json: `mapet pretrain` (compile auto = on, DeepSpeed ZeRO-1, bf16, torchrun,
+#      NCCL) with the paper preset's model at batch 128 on ImageNet-like JPEG shards made here, so
+#      the rate includes the loader, the sampler and DeepSpeed;
+#   3. loader.json: the 224-px input path's images/s per CPU core on this machine, and the loader
+#      cores one GPU needs at the rate of 2.
+# Where DeepSpeed is not installed, the wheels in .whl/ go to /tmp/site first.
 #
 #   bash benchmarks/gpu_check.sh
-set -euo pipefail   # a failing step stops the script (pipefail: also inside a pipe)
+set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 WORK=$(mktemp -d)
+LOG=$OUT/log.txt
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=src:benchmarks${PYTHONPATH:+:$PYTHONPATH}
 if [ -d .whl ] && ! python3 -c "import deepspeed" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
   export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "import torch, timm, deepspeed; print('torch', torch.__version__, 'timm', timm.__version__, 'deepspeed', deepspeed.__version__)" | tee -a "$OUT/gpu.txt"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+  python3 -c "import torch, timm, deepspeed; print('torch', torch.__version__, 'timm', timm.__version__, 'deepspeed', deepspeed.__version__)"
+  nproc; } 2>&1 | tee "$OUT/gpu.txt"
 
-python3 benchmarks/pretrain_step.py --device cuda --steps 20 --warmup 5 | tee "$OUT/pretrain_step_cuda.json"
+# check NAME SECONDS COMMAND...: runs COMMAND under a time limit, its output to the log without
+# progress bars; the script goes on whatever it returns.
+check() {
+  local name=$1 limit=$2 started=$SECONDS
+  shift 2
+  echo "== $name: $*" | tee -a "$LOG"
+  timeout "$limit" "$@" 2>&1 | tr '\r' '\n' | grep --line-buffered -v "[0-9]s/step\|step/s\|it/s\]\|s/it\]\|batch/s" | tee -a "$LOG"
+  echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - started)) s" | tee -a "$LOG"
+}
 
-python3 -m mapet params --set pretrain.max_shards=0 --set pretrain.epochs=2 --set pretrain.batch_size=256 \
-  --set pretrain.micro_batch_size=256 --set pretrain.warmup_epochs=0.2 --set pretrain.workers=4 \
-  --set finetune.workers=2 --out "$WORK/params.yaml"
-for objective in mapet mim; do
-  torchrun --standalone --nproc_per_node 1 -m mapet pretrain --params "$WORK/params.yaml" --objective $objective \
-    --out "$WORK/pretrain-$objective" 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|step/s\]\|s/step\]"
-  cp "$WORK/pretrain-$objective/metrics.json" "$OUT/pretrain_$objective.json"
-done
-torchrun --standalone --nproc_per_node 1 -m mapet finetune --params "$WORK/params.yaml" \
-  --backbone "$WORK/pretrain-mapet/backbone.safetensors" --out "$WORK/finetune" 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|step/s\]\|s/step\]"
-cp "$WORK/finetune/metrics.json" "$OUT/finetune.json"
-python3 -m mapet evaluate --params "$WORK/params.yaml" --model "$WORK/finetune/model.safetensors" \
-  --out "$WORK/evaluate" 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|batch/s\]\|s/batch\]"
-cp "$WORK/evaluate/metrics.json" "$OUT/evaluate.json"
+# The dataset of check 2 is made on the CPUs while check 1 runs on the GPU.
+python3 benchmarks/imagenet_like.py --out "$WORK/imagenet" --images 7680 --workers 6 > "$WORK/imagenet.log" 2>&1 &
+maker=$!
+
+check pretrain_step 300 sh -c "python3 benchmarks/pretrain_step.py --device cuda --compile --steps 15 --warmup 3 \
+  > '$OUT/pretrain_step.json'"
+cat "$OUT/pretrain_step.json" >> "$LOG"
+
+wait $maker; cat "$WORK/imagenet.log" | tee -a "$LOG"
+python3 -m mapet params --set preset=paper --set presets.paper.pretrain.epochs=2 \
+  --set presets.paper.pretrain.batch_size=128 --set presets.paper.pretrain.micro_batch_size=128 \
+  --set presets.paper.pretrain.warmup_epochs=0.5 --set presets.paper.pretrain.workers=12 \
+  --set presets.paper.pretrain.checkpoint_every=100000 --out "$WORK/params.yaml" | tee -a "$LOG"
+check pretrain_loop 170 torchrun --standalone --nproc_per_node 1 -m mapet pretrain --params "$WORK/params.yaml" \
+  --data "$WORK/imagenet/data" --tokens "$WORK/imagenet/tokens" --out "$WORK/pretrain"
+cp "$WORK/pretrain/metrics.json" "$OUT/pretrain_loop.json" && cat "$OUT/pretrain_loop.json" >> "$LOG"
+
+target=$(python3 -c "import json; print(json.load(open('$OUT/pretrain_loop.json'))['images_per_s'])" 2>/dev/null \
+  || python3 -c "import json; print(json.load(open('$OUT/pretrain_step.json'))['images_per_s']['mapet+compile'])")
+check loader 60 sh -c "python3 benchmarks/loader_throughput.py --data '$WORK/imagenet/data' --workers 12 \
+  --target $target > '$OUT/loader.json'"
+cat "$OUT/loader.json" >> "$LOG"

@@ -3,9 +3,13 @@ plain timm ViT forward+backward on the same backbone and batch, with the FLOP ra
 
     python benchmarks/pretrain_step.py                  # CPU: ViT-T/16 at 224, batch 16, fp32
     python benchmarks/pretrain_step.py --device cuda    # GPU: ViT-B/16 at 224, batch 128, bf16
+    python benchmarks/pretrain_step.py --device cuda --compile   # eager and torch.compile side by side
 
-Prints one JSON line. Steps of the four models are interleaved and the median is reported, so
-that a noisy machine slows all of them alike; the ratios are what to compare across machines.
+Prints one JSON line. Steps of all models are interleaved and the median is reported, so that a
+noisy machine slows all of them alike; the ratios are what to compare across machines. With
+--compile every model also runs compiled (``vit+compile``, ...; the module compiled in place, as
+``pretrain.compile`` does, the loss outside it as in the training loop). ``token_head`` is the
+8192-way head and its cross-entropy alone, on the MaPeT step's B x 147 rows, to show its share.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import contextlib
 import json
 import statistics
 import time
+from functools import partial
 
 import timm
 import torch
@@ -37,7 +42,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, help="batch size (default: 16 on CPU, 128 on CUDA)")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: on CUDA only)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per model")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model (compilation included)")
+    parser.add_argument("--compile", action="store_true", help="also time each model under torch.compile")
     args = parser.parse_args()
     cuda = args.device == "cuda"
     args.backbone = args.backbone or ("vit_base_patch16_224" if cuda else "vit_tiny_patch16_224")
@@ -47,25 +53,39 @@ def parse_args() -> argparse.Namespace:
 
 
 def build_steps(args: argparse.Namespace, device: torch.device) -> dict:
-    """name -> a function running one training step on fixed inputs."""
+    """name -> (model, a function computing one training step's loss on fixed inputs)."""
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch, 3, 224, 224, generator=generator).to(device)
-    steps = {}
+    models, losses = {}, {}
 
-    vit = timm.create_model(args.backbone, num_classes=1000, init_values=0.1, drop_path_rate=0.1).to(device).train()
+    models["vit"] = timm.create_model(args.backbone, num_classes=1000, init_values=0.1, drop_path_rate=0.1)
     labels = torch.randint(1000, (args.batch,), generator=generator).to(device)
-    steps["vit"] = (vit, lambda: F.cross_entropy(vit(images), labels))
+    losses["vit"] = lambda model: F.cross_entropy(model(images), labels)
 
     for objective in ("mapet", "plm", "mim"):
-        model = create_pretrain_model(objective, args.backbone, VOCAB).to(device).train()
-        num_predict = default_num_predict(objective, model.num_patches)
-        order = sample_orders(objective, args.batch, model.grid_size, num_predict, generator).to(device)
+        models[objective] = create_pretrain_model(objective, args.backbone, VOCAB)
+        num_predict = default_num_predict(objective, models[objective].num_patches)
+        order = sample_orders(objective, args.batch, models[objective].grid_size, num_predict, generator).to(device)
         targets = torch.randint(VOCAB, (args.batch * num_predict,), generator=generator).to(device)
 
-        def loss(model=model, order=order, num_predict=num_predict, targets=targets):
+        def loss(model, order=order, num_predict=num_predict, targets=targets):
             return F.cross_entropy(model(images, order, num_predict).flatten(0, 1).float(), targets)
 
-        steps[objective] = (model, loss)
+        losses[objective] = loss
+
+    rows = args.batch * default_num_predict("mapet", models["mapet"].num_patches)
+    models["token_head"] = torch.nn.Linear(models["vit"].embed_dim, VOCAB)
+    features = torch.randn(rows, models["vit"].embed_dim, generator=generator).to(device).requires_grad_()
+    head_targets = torch.randint(VOCAB, (rows,), generator=generator).to(device)
+    losses["token_head"] = lambda head: F.cross_entropy(head(features).float(), head_targets)
+
+    steps = {}
+    for name, model in models.items():
+        model.to(device).train()
+        steps[name] = (model, partial(losses[name], model))
+        if args.compile:
+            compiled = torch.compile(model)         # shares the eager model's weights
+            steps[name + "+compile"] = (model, partial(losses[name], compiled))
     return steps
 
 
@@ -89,6 +109,9 @@ def main() -> None:
 
     flops = {}
     for name, (model, loss_fn) in steps.items():
+        if name.endswith("+compile"):
+            flops[name] = flops[name.removesuffix("+compile")]
+            continue
         # The math backend spells attention out as matmuls, which the counter counts on every device.
         with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
             run_step(model, loss_fn, autocast)
@@ -112,6 +135,9 @@ def main() -> None:
                 peak_memory[name] = torch.cuda.max_memory_allocated() / 2**30
 
     seconds = {name: statistics.median(values) for name, values in times.items()}
+    # each step over the ViT step of its own round (compiled over compiled): the median of pairs
+    baseline = lambda name: times["vit+compile" if name.endswith("+compile") else "vit"]  # noqa: E731
+    pair_ratios = {name: [mine / vit for mine, vit in zip(values, baseline(name))] for name, values in times.items()}
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else describe_cpu(),
         "threads": torch.get_num_threads(),
@@ -119,7 +145,11 @@ def main() -> None:
         "steps": args.steps,
         "seconds_per_step": {name: round(value, 4) for name, value in seconds.items()},
         "images_per_s": {name: round(args.batch / value, 1) for name, value in seconds.items()},
-        "ratio_to_vit": {name: round(value / seconds["vit"], 3) for name, value in seconds.items()},
+        "ratio_to_vit": {name: round(statistics.median(pair_ratios[name]), 3) for name in steps},
+        "ratio_to_vit_range": {name: [round(min(pair_ratios[name]), 3), round(max(pair_ratios[name]), 3)]
+                               for name in steps},
+        "compile_speedup": {name: round(seconds[name] / seconds[name + "+compile"], 3)
+                            for name in seconds if name + "+compile" in seconds},
         "flop_ratio_to_vit": {name: round(value / flops["vit"], 3) for name, value in flops.items()},
         "gflops_per_step": {name: round(value / 1e9, 1) for name, value in flops.items()},
     }
@@ -127,6 +157,7 @@ def main() -> None:
         result["peak_memory_gib"] = {name: round(value, 2) for name, value in peak_memory.items()}
         peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in result["device"]), None)
         if peak and args.bf16:
+            result["peak_tflops_used"] = peak / 1e12
             result["model_flop_utilisation"] = {name: round(flops[name] / seconds[name] / peak, 3) for name in steps}
     print(json.dumps(result))
 
