@@ -10,9 +10,12 @@
 #      the rate includes the loader, the sampler and DeepSpeed;
 #   3. loader.json: the 224-px input path's images/s per CPU core on this machine, and the loader
 #      cores one GPU needs at the rate of 2.
-# Where DeepSpeed is not installed, the wheels in .whl/ go to /tmp/site first.
+# Where DeepSpeed is not installed, the wheels in .whl/ go to /tmp/site first: deepspeed (built here
+# with `pip wheel --no-deps deepspeed==0.19.8`), timm, faiss-cpu, hjson and pydantic with its
+# dependencies, at the versions of requirements.lock. STEP_MODELS limits check 1 to some models.
 #
 #   bash benchmarks/gpu_check.sh
+#   STEP_MODELS=vit,mapet,plm bash benchmarks/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 WORK=$(mktemp -d)
@@ -38,11 +41,11 @@ check() {
 }
 
 # The dataset of check 2 is made on the CPUs while check 1 runs on the GPU.
-python3 benchmarks/imagenet_like.py --out "$WORK/imagenet" --images 7680 --workers 6 > "$WORK/imagenet.log" 2>&1 &
+python3 benchmarks/imagenet_like.py --out "$WORK/imagenet" --images 7680 --workers 8 > "$WORK/imagenet.log" 2>&1 &
 maker=$!
 
 check pretrain_step 300 sh -c "python3 benchmarks/pretrain_step.py --device cuda --compile --steps 15 --warmup 3 \
-  > '$OUT/pretrain_step.json'"
+  --models ${STEP_MODELS:-vit,mapet,plm,mim,token_head} > '$OUT/pretrain_step.json'"
 cat "$OUT/pretrain_step.json" >> "$LOG"
 
 wait $maker; cat "$WORK/imagenet.log" | tee -a "$LOG"

@@ -5,7 +5,8 @@ also the loader cores one GPU needs.
     python benchmarks/loader_throughput.py [--data DIR | --images 2560] [--workers W] [--target 830]
 
 The path is `mapet pretrain`'s: ShardDataset (tar read, PIL decode, RGB) with
-pretrain_transform(224, color_jitter) (centre square, bicubic resize, jitter, tensor, normalise),
+pretrain_transform(224, color_jitter, normalize=False) (centre square resized bicubic, jitter, uint8
+tensor; the training step normalises on the device),
 through a DataLoader; `--transform finetune` takes the paper's fine-tuning transform instead
 (RandomResizedCrop, flip, RandAugment, random erasing). Without --data, benchmarks/imagenet_like.py makes the shards in a
 temporary folder. Rates are steady-state: timed from the moment every worker has delivered its
@@ -99,7 +100,8 @@ def main() -> None:
     parser.add_argument("--target", type=float, help="images/s one GPU consumes (e.g. pretrain_step.py's)")
     args = parser.parse_args()
     if args.transform == "pretrain":
-        transform, described = pretrain_transform(224, args.color_jitter), f"pretrain, 224 px, color_jitter {args.color_jitter}"
+        transform = pretrain_transform(224, args.color_jitter, normalize=False)
+        described = f"pretrain, 224 px, color_jitter {args.color_jitter}, uint8"
     else:
         transform, described = finetune_transform(224), "finetune (paper recipe), 224 px"
     with tempfile.TemporaryDirectory() as folder:

@@ -44,6 +44,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per model")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model (compilation included)")
     parser.add_argument("--compile", action="store_true", help="also time each model under torch.compile")
+    parser.add_argument("--models", default="vit,mapet,plm,mim,token_head",
+                        help="comma-separated subset to time (default: %(default)s; vit is always timed)")
     args = parser.parse_args()
     cuda = args.device == "cuda"
     args.backbone = args.backbone or ("vit_base_patch16_224" if cuda else "vit_tiny_patch16_224")
@@ -80,7 +82,8 @@ def build_steps(args: argparse.Namespace, device: torch.device) -> dict:
     losses["token_head"] = lambda head: F.cross_entropy(head(features).float(), head_targets)
 
     steps = {}
-    for name, model in models.items():
+    chosen = {"vit", *args.models.split(",")}
+    for name, model in ((name, model) for name, model in models.items() if name in chosen):
         model.to(device).train()
         steps[name] = (model, partial(losses[name], model))
         if args.compile:

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from mapet.cli import main
 from mapet.data.dataset import read_manifest
 from mapet.data.reader import ShardDataset
-from mapet.data.transforms import eval_transform, finetune_transform, pretrain_transform
+from mapet.data.transforms import eval_transform, finetune_transform, normalize_batch, pretrain_transform
 
 CLASSES = ["cat", "dog", "fox"]
 
@@ -269,5 +269,8 @@ def test_transforms_at_demo_size():
     assert torch.equal(pre(image), pre(image))  # deterministic: no random crop or flip
     centre = image.crop((0, 6, 28, 34))
     assert torch.allclose(pre(image), pre(centre))  # the centre square, resized
+    raw = pretrain_transform(28, normalize=False)(image)
+    assert raw.dtype == torch.uint8 and raw.shape == (3, 28, 28)
+    torch.testing.assert_close(normalize_batch(raw[None], torch.float32)[0], pre(image), rtol=0, atol=1e-6)
     assert finetune_transform(28)(image).shape == (3, 28, 28)
     assert eval_transform(28)(image).shape == (3, 28, 28)

@@ -8,25 +8,43 @@ erasing; resize then centre crop at evaluation).
 
 from __future__ import annotations
 
+import torch
+from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torchvision import transforms as T
-from torchvision.transforms import functional as TF
 
 
-class CenterSquare:
-    """Crop the largest centred square."""
+class CenterSquareResize:
+    """The largest centred square, resized to ``size`` x ``size`` (bicubic) in one resampling
+    pass; the filter at the square's edges reads the pixels just outside it, where there are any."""
 
-    def __call__(self, image):
-        side = min(image.size)
-        return TF.center_crop(image, [side, side])
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        width, height = image.size
+        side = min(width, height)
+        left, top = int(round((width - side) / 2)), int(round((height - side) / 2))
+        return image.resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + side, top + side))
 
 
 def pretrain_transform(img_size: int, color_jitter: float = 0.0, mean=IMAGENET_DEFAULT_MEAN,
-                       std=IMAGENET_DEFAULT_STD) -> T.Compose:
-    steps = [CenterSquare(), T.Resize((img_size, img_size), interpolation=T.InterpolationMode.BICUBIC)]
+                       std=IMAGENET_DEFAULT_STD, normalize: bool = True) -> T.Compose:
+    """PIL image -> normalised float tensor (C, H, W); without ``normalize``, a uint8 tensor that
+    :func:`normalize_batch` turns into the same values on the device (a quarter of the bytes to
+    copy, and the loader workers spared the float arithmetic)."""
+    steps = [CenterSquareResize(img_size)]
     if color_jitter:
         steps.append(T.ColorJitter(color_jitter, color_jitter, color_jitter))
-    return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
+    return T.Compose([*steps, *([T.ToTensor(), T.Normalize(mean, std)] if normalize else [T.PILToTensor()])])
+
+
+def normalize_batch(images: torch.Tensor, dtype: torch.dtype, mean=IMAGENET_DEFAULT_MEAN,
+                    std=IMAGENET_DEFAULT_STD) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> what ToTensor + Normalize give, in ``dtype``, on the batch's device."""
+    mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    return images.float().div(255).sub(mean).div(std).to(dtype)
 
 
 def finetune_transform(img_size: int, auto_augment: str | None = "rand-m9-mstd0.5", reprob: float = 0.25,

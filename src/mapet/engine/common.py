@@ -143,7 +143,8 @@ def train_steps(engine, dataset, settings, *, world: int, rank: int, accum: int,
     while step < total_steps:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         dataset.set_epoch(epoch)
-        loader = DataLoader(dataset, batch_size=settings.micro_batch_size, num_workers=settings.workers)
+        loader = DataLoader(dataset, batch_size=settings.micro_batch_size, num_workers=settings.workers,
+                            pin_memory=engine.device.type == "cuda")
         micro_batches = islice(iter(loader), done_in_epoch * accum, steps_per_epoch * accum)
         for _ in range(done_in_epoch, steps_per_epoch):
             sums = sum(micro_step(next(micro_batches), micro_batch_seed(settings.seed, step, micro, accum, world, rank))

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from mapet.data.dataset import read_manifest
 from mapet.data.reader import ShardDataset
-from mapet.data.transforms import pretrain_transform
+from mapet.data.transforms import normalize_batch, pretrain_transform
 from mapet.engine.common import make_engine, plan_steps, resume_state, select_shards, train_steps, write_json
 from mapet.engine.distributed import init_distributed, teardown
 from mapet.engine.optim import parameter_groups
@@ -90,7 +90,7 @@ def run_pretrain(settings: PretrainSettings, data: Path, tokens_dir: Path, out: 
                   f"{token_info['manifest_sha256'][:12]}; {world} rank(s) x {max(1, settings.workers)} reader(s), "
                   f"{steps_per_epoch} steps/epoch, {'resuming at step ' + str(step) if step else 'starting at step 0'}")
 
-        dataset = ShardDataset(data, settings.split, pretrain_transform(image_size, settings.color_jitter),
+        dataset = ShardDataset(data, settings.split, pretrain_transform(image_size, settings.color_jitter, normalize=False),
                                shuffle=True, seed=settings.seed, rank=rank, world_size=world, shards=shards)
 
         def micro_step(batch: tuple, seed: int) -> torch.Tensor:
@@ -100,8 +100,8 @@ def run_pretrain(settings: PretrainSettings, data: Path, tokens_dir: Path, out: 
             targets = torch.from_numpy(tokens[[row_of[k] for k in keys]].astype(np.int64))
             targets = targets.gather(1, order[:, model.num_patches - num_predict:]).to(device)
             torch.manual_seed(seed + 1)                                             # dropout and drop path
-            logits = engine(images.to(device, torch.bfloat16 if bf16 else torch.float32), order.to(device),
-                            num_predict)
+            images = normalize_batch(images.to(device, non_blocking=True), torch.bfloat16 if bf16 else torch.float32)
+            logits = engine(images, order.to(device), num_predict)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
             engine.backward(loss)
             engine.step()

@@ -25,16 +25,6 @@ def _heads(attn: Attention, x: torch.Tensor) -> torch.Tensor:
     return x.view(x.shape[0], x.shape[1], attn.num_heads, attn.head_dim).transpose(1, 2)
 
 
-def _attention_output(attn: Attention, outs: list[torch.Tensor], rows_in: torch.Tensor) -> torch.Tensor:
-    """The tail of timm's Attention.forward for row groups (B, heads, L_i, head_dim) stacked in
-    order: merge heads, norm, gate, projection."""
-    out = torch.cat([o.transpose(1, 2) for o in outs], dim=1).flatten(2)
-    out = attn.norm(out)
-    if attn.gate is not None:
-        out = out * attn.gate(rows_in).sigmoid()
-    return attn.proj_drop(attn.proj(out))
-
-
 def _drop_path_draw(drop_path: nn.Module, like: torch.Tensor) -> torch.Tensor | None:
     """One per-image stochastic-depth factor (0 or 1/keep) to apply to both streams, or None."""
     if isinstance(drop_path, nn.Identity) or not drop_path.training:
@@ -46,52 +36,43 @@ def _residual(x: torch.Tensor, branch: torch.Tensor, draw: torch.Tensor | None) 
     return x + (branch if draw is None else branch * draw)
 
 
-def _two_stream_block(block: Block, content: torch.Tensor, query: torch.Tensor, prefix: int,
-                      rest_mask: torch.Tensor, content_needed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def _two_stream_block(block: Block, x: torch.Tensor, prefix: int, rest_mask: torch.Tensor,
+                      content_needed: bool = True) -> torch.Tensor:
     """One timm Block applied to both streams with its own weights.
 
-    Keys and values come from the content stream only. Its first ``prefix`` rows attend to each
-    other and to nothing else, so they take plain unmasked attention; the remaining (predicted)
-    content rows and the query rows attend to the whole content stream under ``rest_mask``
-    (their rows stacked in that order). Both streams share one drop-path draw per image.
-    Without ``content_needed`` (last block) only the query rows are computed and the input
-    content is returned as it was.
+    ``x`` holds the rows [content prefix | predicted content | query] (B, L, dim); keys and
+    values come from the content rows only. The first ``prefix`` rows attend to each other and to
+    nothing else, so they take plain unmasked attention; the predicted content rows and the
+    query rows attend to all content rows under ``rest_mask`` (2M rows). Every other step of the
+    block runs once over all rows, with one drop-path draw per image for both streams. Without
+    ``content_needed`` (last block) only the query rows are computed and returned.
     """
     attn = block.attn
     width = attn.num_heads * attn.head_dim
+    num_content = rest_mask.shape[1]
     weight_q, weight_kv = attn.qkv.weight.split([width, 2 * width])
     bias_q, bias_kv = attn.qkv.bias.split([width, 2 * width]) if attn.qkv.bias is not None else (None, None)
     dropout = attn.attn_drop.p if attn.training else 0.0
-    num_query = query.shape[1]
 
-    content_in, query_in = block.norm1(content), block.norm1(query)
-    if content_needed:
-        q_content, k, v = F.linear(content_in, attn.qkv.weight, attn.qkv.bias).split(width, dim=2)
-        q_content = attn.q_norm(_heads(attn, q_content))
-    else:
-        k, v = F.linear(content_in, weight_kv, bias_kv).split(width, dim=2)
+    normed = block.norm1(x)
+    k, v = F.linear(normed[:, :num_content], weight_kv, bias_kv).split(width, dim=2)
     k, v = attn.k_norm(_heads(attn, k)), _heads(attn, v)
-    q_query = attn.q_norm(_heads(attn, F.linear(query_in, weight_q, bias_q)))
-
-    draw = _drop_path_draw(block.drop_path1, query)
     if content_needed:
-        q_rest = torch.cat([q_content[:, :, prefix:], q_query], dim=2)
-        out_rest = F.scaled_dot_product_attention(q_rest, k, v, attn_mask=rest_mask, dropout_p=dropout)
-        out_prefix = F.scaled_dot_product_attention(q_content[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix],
-                                                    dropout_p=dropout)
-        out_predicted, out_query = out_rest.split([out_rest.shape[2] - num_query, num_query], dim=2)
-        content = _residual(content, block.ls1(_attention_output(attn, [out_prefix, out_predicted], content_in)),
-                            draw)
+        q = attn.q_norm(_heads(attn, F.linear(normed, weight_q, bias_q)))
+        out = torch.cat([F.scaled_dot_product_attention(q[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix],
+                                                        dropout_p=dropout),
+                         F.scaled_dot_product_attention(q[:, :, prefix:], k, v, attn_mask=rest_mask,
+                                                        dropout_p=dropout)], dim=2)
     else:
-        out_query = F.scaled_dot_product_attention(q_query, k, v, attn_mask=rest_mask[rest_mask.shape[0] - num_query:],
-                                                   dropout_p=dropout)
-    query = _residual(query, block.ls1(_attention_output(attn, [out_query], query_in)), draw)
-
-    draw = _drop_path_draw(block.drop_path2, query)
-    query = _residual(query, block.ls2(block.mlp(block.norm2(query))), draw)
-    if content_needed:
-        content = _residual(content, block.ls2(block.mlp(block.norm2(content))), draw)
-    return content, query
+        x, normed = x[:, num_content:], normed[:, num_content:]
+        q = attn.q_norm(_heads(attn, F.linear(normed, weight_q, bias_q)))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=rest_mask[rest_mask.shape[0] - x.shape[1]:],
+                                             dropout_p=dropout)
+    out = attn.norm(out.transpose(1, 2).flatten(2))
+    if attn.gate is not None:
+        out = out * attn.gate(normed).sigmoid()
+    x = _residual(x, block.ls1(attn.proj_drop(attn.proj(out))), _drop_path_draw(block.drop_path1, x))
+    return _residual(x, block.ls2(block.mlp(block.norm2(x))), _drop_path_draw(block.drop_path2, x))
 
 
 class PretrainModel(nn.Module):
@@ -143,6 +124,9 @@ class TwoStreamModel(PretrainModel):
                           \________________ prefix ________________/
         query stream:   [ M query rows ]
 
+    Both streams travel as one tensor, the query rows after the content rows, so every step of a
+    block but attention (norms, projections, MLP, residuals) runs once over all rows.
+
     Mask tokens and query rows both start as ``mask_token + pos_embed[p]`` for the predicted
     positions p, in prediction order, so a token's rank is its place in the stream and one mask
     serves the whole batch and every head. The rules of METHOD.md section 4 are
@@ -185,8 +169,8 @@ class TwoStreamModel(PretrainModel):
         rest = torch.cat([mask[num_context:1 + self.num_patches], mask[mask.shape[0] - num_predict:]])
         return mask.shape[1] - num_predict, rest
 
-    def _streams(self, images: torch.Tensor, order: torch.Tensor, num_predict: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Content stream (B, 1 + N [+ M], dim) and query stream (B, M, dim), as laid out above."""
+    def _streams(self, images: torch.Tensor, order: torch.Tensor, num_predict: int) -> torch.Tensor:
+        """Both streams in one tensor (B, 1 + N [+ M] + M, dim): the content rows, then the query rows."""
         backbone = self.backbone
         batch, dim = images.shape[0], backbone.embed_dim
         num_context = 1 + self.num_patches - num_predict
@@ -196,31 +180,30 @@ class TwoStreamModel(PretrainModel):
         query = self.mask_token + pos_patches[0][order[:, num_context - 1:]]       # (B, M, dim)
         cls = (backbone.cls_token + pos_cls).expand(batch, -1, -1)
         context, predicted = patches[:, :num_context - 1], patches[:, num_context - 1:]
-        content = torch.cat([cls, context, query, predicted] if self.mask_tokens else [cls, context, predicted], 1)
-        prepare = lambda x: backbone.norm_pre(backbone.pos_drop(x))  # noqa: E731
-        return prepare(content), prepare(query)
+        rows = [cls, context, query, predicted, query] if self.mask_tokens else [cls, context, predicted, query]
+        return backbone.norm_pre(backbone.pos_drop(torch.cat(rows, dim=1)))
 
     def forward(self, images: torch.Tensor, order: torch.Tensor, num_predict: int) -> torch.Tensor:
         self._check(images, order, num_predict)
         masks = self._attention_masks(num_predict, images.device)
-        content, query = self._streams(images, order, num_predict)
+        x = self._streams(images, order, num_predict)
         *blocks, last = self.backbone.blocks
         for block in blocks:
-            content, query = _two_stream_block(block, content, query, *masks)
-        _, query = _two_stream_block(last, content, query, *masks, content_needed=False)
-        return self.token_head(self.backbone.norm(query))
+            x = _two_stream_block(block, x, *masks)
+        return self.token_head(self.backbone.norm(_two_stream_block(last, x, *masks, content_needed=False)))
 
     def forward_features(self, images: torch.Tensor, order: torch.Tensor,
                          num_predict: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Both streams after the final norm: content (B, 1 + N, dim) in raster order, query (B, M, dim)."""
         self._check(images, order, num_predict)
         masks = self._attention_masks(num_predict, images.device)
-        content, query = self._streams(images, order, num_predict)
+        x = self._streams(images, order, num_predict)
         for block in self.backbone.blocks:
-            content, query = _two_stream_block(block, content, query, *masks)
+            x = _two_stream_block(block, x, *masks)
+        x = self.backbone.norm(x)
+        content, query = x[:, :masks[1].shape[1]], x[:, masks[1].shape[1]:]
         stream_index = self._layout(num_predict, images.device)[ranks_from_orders(order)]  # (B, 1 + N)
-        content = content.gather(1, stream_index[:, :, None].expand(-1, -1, content.shape[2]))
-        return self.backbone.norm(content), self.backbone.norm(query)
+        return content.gather(1, stream_index[:, :, None].expand(-1, -1, content.shape[2])), query
 
 
 class MaskedImageModel(PretrainModel):
