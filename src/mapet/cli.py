@@ -150,6 +150,7 @@ def _tokenize(args: argparse.Namespace) -> None:
 def _pretrain(args: argparse.Namespace) -> None:
     from mapet.engine.common import loop_settings
     from mapet.engine.pretrain import PretrainSettings, run_pretrain
+    from mapet.engine.probe import ProbeSettings
 
     params = load_params(args.params)
     config = loop_settings("pretrain", param(params, "pretrain"), param(params, "model"), PretrainSettings)
@@ -158,10 +159,12 @@ def _pretrain(args: argparse.Namespace) -> None:
     data = Path(args.data or param(params, "data.dir"))
     tokens = Path(args.tokens or param(params, "tokenize.out_dir"))
     out = Path(args.out or param(params, "pretrain.out_dir"))
-    metrics = run_pretrain(config, data, tokens, out, resume=args.resume)
+    probe = build_settings("probe", params.get("probe") or {}, ProbeSettings, ignore=("out_dir",))
+    metrics = run_pretrain(config, data, tokens, out, resume=args.resume, probe=probe)
     if int(os.environ.get("RANK", "0")) == 0:
+        knn = f", k-NN top-1 {metrics['knn_top1']}" if "knn_top1" in metrics else ""
         print(f"wrote {out}: model.safetensors, backbone.safetensors; final loss {metrics['loss']}, "
-              f"token accuracy {metrics['token_accuracy']}")
+              f"token accuracy {metrics['token_accuracy']}{knn}")
 
 
 def _finetune(args: argparse.Namespace) -> None:
@@ -195,6 +198,35 @@ def _evaluate(args: argparse.Namespace) -> None:
                            param(params, "evaluate.workers"))
     top5 = f", top-5 {metrics['top5']:.4f}" if "top5" in metrics else ""
     print(f"{metrics['split']}: top-1 {metrics['top1']:.4f}{top5} on {metrics['images']} images; wrote {out}")
+
+
+def _probe(args: argparse.Namespace) -> None:
+    import timm
+    import torch
+
+    from mapet.data.dataset import read_description
+    from mapet.engine.common import write_json
+    from mapet.engine.probe import ProbeSettings, plot_probe, run_probe
+    from mapet.models import load_backbone_file
+
+    params = load_params(args.params)
+    settings = build_settings("probe", param(params, "probe"), ProbeSettings, ignore=("out_dir",))
+    data = Path(args.data or param(params, "data.dir"))
+    out = Path(args.out or param(params, "probe.out_dir"))
+    if args.scratch:
+        model = dict(param(params, "model"))
+        torch.manual_seed(settings.seed)
+        backbone, source = timm.create_model(model.pop("backbone"), num_classes=0, **model), "scratch"
+    else:
+        source = Path(args.backbone or Path(param(params, "pretrain.out_dir")) / "backbone.safetensors")
+        backbone = load_backbone_file(source)
+    metrics = {"backbone": str(source), **run_probe(backbone, data, settings, len(read_description(data)["classes"]))}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "metrics.json", metrics)
+    plot_probe(metrics, out / "probe.png")
+    print(f"probe of {source}: k-NN top-1 {metrics['knn_top1']:.4f}, linear top-1 {metrics['linear_top1']:.4f} "
+          f"(average-pooled patches; CLS: {metrics['cls']['knn_top1']:.4f} / {metrics['cls']['linear_top1']:.4f}) "
+          f"on {metrics['test_images']} {settings.test_split} images; wrote {out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,6 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", help="dataset folder (default: data.dir)")
     evaluate.add_argument("--split", help="split to evaluate (default: evaluate.split)")
     evaluate.add_argument("--out", help="output folder (default: evaluate.out_dir)")
+
+    probe = command(commands, "probe", _probe,
+                    "k-NN and linear-probe top-1 of a frozen backbone's features (or of a random init).")
+    chosen = probe.add_mutually_exclusive_group()
+    chosen.add_argument("--backbone", help="backbone file (default: <pretrain.out_dir>/backbone.safetensors)")
+    chosen.add_argument("--scratch", action="store_true", help="a random initialisation of params' model: the baseline")
+    probe.add_argument("--data", help="dataset folder (default: data.dir)")
+    probe.add_argument("--out", help="output folder (default: probe.out_dir)")
 
     export = command(commands, "export", _export,
                      "Write a pre-trained model's backbone as a timm-loadable safetensors file.")

@@ -127,14 +127,16 @@ def resume_state(engine, folder: Path) -> dict[str, Any] | None:
 
 def train_steps(engine, dataset, settings, *, world: int, rank: int, accum: int, steps_per_epoch: int, step: int,
                 history: list[dict], checkpoints: Path, micro_step: Callable[[tuple, int], torch.Tensor],
-                record_of: Callable[[torch.Tensor], dict], desc: str, progress: bool = True) -> float:
+                record_of: Callable[[torch.Tensor], dict], desc: str, progress: bool = True,
+                after_step: Callable[[int], dict] = lambda step: {}) -> dict:
     """Optimizer steps from ``step`` to the end of the last epoch; returns images/s after the first
     step (which includes compilation) and the graphs torch.compile made after it (0 unless it
     recompiled).
 
     ``micro_step(batch, seed)`` runs forward, backward and ``engine.step()`` on one micro-batch
     and returns a tensor of sums; they are added over the step's micro-batches and all ranks,
-    and ``record_of(sums)`` turns them into the step's entry of ``history``. A resumed run skips
+    and ``record_of(sums)`` turns them into the step's entry of ``history``, with what
+    ``after_step(step)`` adds (every rank calls it: it may be collective). A resumed run skips
     the micro-batches the interrupted one had consumed in its epoch.
     """
     total_steps = settings.epochs * steps_per_epoch
@@ -155,7 +157,8 @@ def train_steps(engine, dataset, settings, *, world: int, rank: int, accum: int,
                 started, graphs = time.perf_counter(), compiled_graphs()
             else:
                 images += settings.batch_size
-            record = {"step": step, "epoch": epoch, **record_of(sums), "lr": max(engine.lr_scheduler.get_last_lr())}
+            record = {"step": step, "epoch": epoch, **record_of(sums), "lr": max(engine.lr_scheduler.get_last_lr()),
+                      **after_step(step)}
             history.append(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",

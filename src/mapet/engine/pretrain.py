@@ -12,12 +12,13 @@ with one worker each.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from mapet.data.dataset import read_manifest
@@ -26,6 +27,7 @@ from mapet.data.transforms import normalize_batch, pretrain_transform
 from mapet.engine.common import make_engine, plan_steps, resume_state, select_shards, train_steps, write_json
 from mapet.engine.distributed import init_distributed, teardown
 from mapet.engine.optim import parameter_groups
+from mapet.engine.probe import ProbeSettings, knn_monitor
 from mapet.masking import default_num_predict, sample_orders
 from mapet.models import create_pretrain_model, save_backbone, save_pretrain_model
 from mapet.tokenizers.tokens import load_tokens
@@ -59,10 +61,15 @@ class PretrainSettings:
     max_shards: int = 0              # the first N shards of the split only; 0: all
     checkpoint_every: int = 100      # optimizer steps
     keep_checkpoints: int = 2
+    probe_every: float = 0           # epochs between k-NN probes of the backbone; 0: off
+    probe_train_images: int = 2000   # the probe's memory bank: the first N images of probe.train_split
+    probe_test_images: int = 1000
 
 
 def run_pretrain(settings: PretrainSettings, data: Path, tokens_dir: Path, out: Path, resume: bool = False,
-                 progress: bool = True) -> dict[str, Any]:
+                 progress: bool = True, probe: ProbeSettings | None = None) -> dict[str, Any]:
+    """``probe``: the k-NN settings of the monitor (``settings.probe_every``); its subset sizes
+    come from ``settings``."""
     data, tokens_dir, out = Path(data), Path(tokens_dir), Path(out)
     image_size, patch = settings.model_kwargs["img_size"], settings.model_kwargs["patch_size"]
     grid = (image_size // patch, image_size // patch)
@@ -111,12 +118,28 @@ def run_pretrain(settings: PretrainSettings, data: Path, tokens_dir: Path, out: 
         def record_of(sums: torch.Tensor) -> dict:
             return {"loss": round((sums[0] / sums[2]).item(), 5), "token_accuracy": round((sums[1] / sums[2]).item(), 5)}
 
+        monitor = replace(probe or ProbeSettings(), train_images=settings.probe_train_images,
+                          test_images=settings.probe_test_images)
+        probe_steps = max(1, round(settings.probe_every * steps_per_epoch)) if settings.probe_every else 0
+
+        def after_step(step: int) -> dict:
+            """The k-NN monitor: computed on rank 0 while the others wait, then shared."""
+            if not probe_steps or (step % probe_steps and step != settings.epochs * steps_per_epoch):
+                return {}
+            value = torch.zeros((), device=device)
+            if rank == 0:
+                value += knn_monitor(engine.module.backbone, data, monitor)
+            dist.broadcast(value, 0)
+            return {"knn_top1": round(value.item(), 5)}
+
         speed = train_steps(engine, dataset, settings, world=world, rank=rank, accum=accum,
                                    steps_per_epoch=steps_per_epoch, step=step, history=history,
                                    checkpoints=checkpoints, micro_step=micro_step, record_of=record_of,
-                                   desc=f"pretrain {settings.objective}", progress=progress)
+                                   desc=f"pretrain {settings.objective}", progress=progress, after_step=after_step)
         metrics = {"objective": settings.objective, "steps": len(history), "loss": history[-1]["loss"],
                    "token_accuracy": history[-1]["token_accuracy"], **speed}
+        if "knn_top1" in history[-1]:
+            metrics["knn_top1"] = history[-1]["knn_top1"]
         if rank == 0:
             provenance = {"tokens": {k: token_info[k] for k in ("encoder", "k", "manifest_sha256", "codebook_sha256")}}
             save_pretrain_model(engine.module, out / "model.safetensors", provenance)

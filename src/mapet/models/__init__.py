@@ -22,7 +22,8 @@ from mapet.errors import MapetError
 from mapet.masking import OBJECTIVES
 from mapet.models.pretrain import MaskedImageModel, PretrainModel, TwoStreamModel
 
-__all__ = ["create_pretrain_model", "export_backbone", "load_backbone", "load_classifier", "load_pretrain_model",
+__all__ = ["create_pretrain_model", "export_backbone", "load_backbone", "load_backbone_file", "load_classifier",
+           "load_pretrain_model",
            "save_backbone", "save_classifier", "save_pretrain_model", "PretrainModel", "TwoStreamModel",
            "MaskedImageModel"]
 
@@ -127,6 +128,14 @@ def load_backbone(model: VisionTransformer, path: str | os.PathLike) -> list[str
         raise MapetError(f"{path}: does not fit the model: missing {missing or 'nothing'}, "
                          f"unexpected {sorted(result.unexpected_keys) or 'nothing'}")
     return sorted(tensors)
+
+
+def load_backbone_file(path: str | os.PathLike) -> VisionTransformer:
+    """The ViT that a backbone file describes, with its weights and no classifier head."""
+    tensors, meta = _load(path, "backbone")
+    model = timm.create_model(meta["backbone"], num_classes=0, **json.loads(meta["timm_kwargs"]))
+    model.load_state_dict(tensors)
+    return model
 
 
 def save_classifier(model: VisionTransformer, backbone: str, timm_kwargs: dict, classes: list[str],

@@ -1,0 +1,188 @@
+"""`mapet probe`: how good a frozen backbone's features are, before any fine-tuning.
+
+Two read-outs on the features of the train split (the memory bank, the linear probe's training
+set) and the test split, each on two representations: the average of the patch tokens
+(``avg``, the default) and the CLS token (``cls``), both after the backbone's final norm.
+
+- k-NN top-1 by DINO's protocol: L2-normalised features, the k most similar train images vote
+  with weight exp(similarity / temperature) (k = 20 and 10, temperature 0.07).
+- Linear-probe top-1: features standardised with the train split's statistics, then a linear
+  classifier (multinomial logistic regression, full-batch L-BFGS) fitted once on the cached
+  features.
+
+Images take the pre-training transform without jitter (the field of view the backbone learnt
+from). The same code runs inside pre-training as a monitor (``pretrain.probe_every``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from timm.models.vision_transformer import VisionTransformer  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from mapet.data.reader import ShardDataset  # noqa: E402
+from mapet.data.transforms import pretrain_transform  # noqa: E402
+from mapet.errors import MapetError  # noqa: E402
+
+
+@dataclass
+class ProbeSettings:
+    """params.yaml ``probe``."""
+
+    train_split: str = "train"
+    test_split: str = "test"
+    train_images: int = 0            # the first N images of the train split; 0: all
+    test_images: int = 0
+    k: int = 20
+    temperature: float = 0.07
+    linear_iterations: int = 1000    # L-BFGS iterations of the linear probe (at most)
+    linear_weight_decay: float = 1e-4
+    batch_size: int = 256
+    workers: int = 0
+    seed: int = 0                    # the random initialisation of --scratch
+
+
+class FirstImages(torch.utils.data.IterableDataset):
+    """The first ``limit`` items of a ShardDataset (all when ``limit`` is 0), in shard order."""
+
+    def __init__(self, dataset: ShardDataset, limit: int):
+        self.dataset, self.limit = dataset, limit
+
+    def __len__(self) -> int:
+        return min(self.limit, self.dataset.num_images) if self.limit else self.dataset.num_images
+
+    def __iter__(self):
+        for index, item in enumerate(self.dataset):
+            if index == len(self):
+                return
+            yield item
+
+
+@torch.no_grad()
+def extract_features(backbone: VisionTransformer, data: Path, split: str, limit: int, batch_size: int = 256,
+                     workers: int = 0, progress: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """({"avg": (n, dim), "cls": (n, dim)} in float32, labels (n,)) of the first ``limit`` images
+    of ``split``. The backbone runs in eval mode and is left in the mode it was in."""
+    image_size = backbone.patch_embed.img_size[0]
+    images = FirstImages(ShardDataset(data, split, pretrain_transform(image_size)), limit)
+    parameter = next(backbone.parameters())
+    was_training = backbone.training
+    backbone.eval()
+    avg, cls, labels = [], [], []
+    try:
+        for batch, batch_labels, _ in tqdm(DataLoader(images, batch_size=batch_size, num_workers=workers),
+                                           total=-(-len(images) // batch_size), desc=f"features {split}",
+                                           unit="batch", disable=not progress):
+            tokens = backbone.forward_features(batch.to(parameter.device, parameter.dtype)).float()
+            cls.append(tokens[:, 0].cpu())
+            avg.append(tokens[:, backbone.num_prefix_tokens:].mean(dim=1).cpu())
+            labels.append(batch_labels)
+    finally:
+        backbone.train(was_training)
+    return {"avg": torch.cat(avg), "cls": torch.cat(cls)}, torch.cat(labels)
+
+
+def knn_top1(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor,
+             k: int = 20, temperature: float = 0.07, num_classes: int | None = None, chunk: int = 1024) -> float:
+    """DINO's weighted k-NN classifier's top-1 accuracy (a fraction)."""
+    num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
+    k = min(k, len(train))
+    train, test = F.normalize(train, dim=1), F.normalize(test, dim=1)
+    correct = 0
+    for start in range(0, len(test), chunk):
+        similarity, neighbours = (test[start:start + chunk] @ train.T).topk(k, dim=1)
+        votes = torch.zeros(len(similarity), num_classes).scatter_add_(
+            1, train_labels[neighbours], (similarity / temperature).exp())
+        correct += int((votes.argmax(dim=1) == test_labels[start:start + chunk]).sum())
+    return correct / len(test)
+
+
+def linear_top1(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor,
+                iterations: int = 100, weight_decay: float = 1e-4, num_classes: int | None = None) -> float:
+    """Top-1 accuracy (a fraction) of a multinomial logistic regression fitted on ``train``."""
+    num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
+    mean, std = train.mean(dim=0), train.std(dim=0).clamp(min=1e-6)
+    train, test = ((train - mean) / std).double(), ((test - mean) / std).double()
+    classifier = torch.nn.Linear(train.shape[1], num_classes, dtype=torch.float64)
+    torch.nn.init.zeros_(classifier.weight)
+    torch.nn.init.zeros_(classifier.bias)
+    optimizer = torch.optim.LBFGS(classifier.parameters(), max_iter=iterations, history_size=20,
+                                  line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(classifier(train), train_labels) + weight_decay * classifier.weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    with torch.no_grad():
+        return float((classifier(test).argmax(dim=1) == test_labels).double().mean())
+
+
+def knn_monitor(backbone: VisionTransformer, data: Path, settings: ProbeSettings) -> float:
+    """The k-NN top-1 (avg-pooled patches) of the probe's subsets: pre-training's monitor."""
+    train, train_labels = extract_features(backbone, data, settings.train_split, settings.train_images,
+                                           settings.batch_size, progress=False)
+    test, test_labels = extract_features(backbone, data, settings.test_split, settings.test_images,
+                                         settings.batch_size, progress=False)
+    return round(knn_top1(train["avg"], train_labels, test["avg"], test_labels, settings.k, settings.temperature), 5)
+
+
+def run_probe(backbone: VisionTransformer, data: Path, settings: ProbeSettings, num_classes: int,
+              progress: bool = True) -> dict[str, Any]:
+    """The k-NN and linear-probe top-1 of ``backbone``'s features, for both representations;
+    ``knn_top1`` and ``linear_top1`` at the top level are the average-pooled ones."""
+    train, train_labels = extract_features(backbone, data, settings.train_split, settings.train_images,
+                                           settings.batch_size, settings.workers, progress)
+    test, test_labels = extract_features(backbone, data, settings.test_split, settings.test_images,
+                                         settings.batch_size, settings.workers, progress)
+    if len(train_labels) < 1 or len(test_labels) < 1:
+        raise MapetError(f"{data}: the probe needs images in both splits {settings.train_split!r} and "
+                         f"{settings.test_split!r}")
+    results = {}
+    for name in ("avg", "cls"):
+        results[name] = {
+            "knn_top1": knn_top1(train[name], train_labels, test[name], test_labels, settings.k,
+                                 settings.temperature, num_classes),
+            "knn_top1_k10": knn_top1(train[name], train_labels, test[name], test_labels, 10,
+                                     settings.temperature, num_classes),
+            "linear_top1": linear_top1(train[name], train_labels, test[name], test_labels,
+                                       settings.linear_iterations, settings.linear_weight_decay, num_classes),
+        }
+        results[name] = {key: round(value, 5) for key, value in results[name].items()}
+    return {"knn_top1": results["avg"]["knn_top1"], "linear_top1": results["avg"]["linear_top1"], **results,
+            "train_images": len(train_labels), "test_images": len(test_labels), "k": settings.k,
+            "temperature": settings.temperature}
+
+
+def plot_probe(metrics: dict[str, Any], path: Path) -> None:
+    """Bars of every read-out, for both representations."""
+    readouts = [("knn_top1", f"k-NN, k = {metrics['k']}"), ("knn_top1_k10", "k-NN, k = 10"), ("linear_top1", "linear")]
+    figure, axes = plt.subplots(figsize=(6, 3))
+    for offset, (representation, label) in enumerate((("avg", "average of patches"), ("cls", "CLS"))):
+        values = [metrics[representation][key] for key, _ in readouts]
+        axes.barh([i * 3 + offset for i in range(len(readouts))], values, label=label)
+        for i, value in enumerate(values):
+            axes.text(value, i * 3 + offset, f" {value:.3f}", va="center", fontsize=8)
+    axes.set_yticks([i * 3 + 0.5 for i in range(len(readouts))], [name for _, name in readouts])
+    axes.set(xlim=(0, 1.1), xlabel=f"top-1 on {metrics['test_images']} test images",
+             title=f"frozen features of {Path(metrics['backbone']).name}")
+    axes.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    partial = path.with_name(path.stem + ".partial.png")
+    figure.savefig(partial, dpi=100)
+    plt.close(figure)
+    os.replace(partial, path)

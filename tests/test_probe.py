@@ -1,0 +1,79 @@
+"""`mapet probe` and the k-NN monitor: the read-outs score what the features encode."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mapet.cli import main
+from mapet.engine.probe import knn_top1, linear_top1
+from test_pretrain import history, launch, finish, tokens, write_params  # noqa: F401 (fixture)
+
+CLASSES = 5
+
+
+def labelled_features(n: int, informative: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(CLASSES, (n,), generator=generator)
+    features = torch.randn(n, 16, generator=generator)
+    if informative:
+        features[:, :CLASSES] += 4 * F.one_hot(labels, CLASSES)
+    return features, labels
+
+
+@pytest.mark.parametrize("readout", [knn_top1, linear_top1])
+def test_features_that_encode_the_label_score_near_one_random_ones_near_chance(readout):
+    assert readout(*labelled_features(400, True, 0), *labelled_features(200, True, 1)) > 0.95
+    chance = readout(*labelled_features(400, False, 0), *labelled_features(1000, False, 1))
+    assert abs(chance - 1 / CLASSES) < 0.06
+
+
+def test_knn_equals_a_brute_force_weighted_vote():
+    train, train_labels = labelled_features(60, True, 2)
+    test, test_labels = labelled_features(25, True, 3)
+    train, test = train + torch.randn_like(train) * 3, test + torch.randn_like(test) * 3   # not all correct
+    k, temperature = 7, 0.07
+    correct = 0
+    for x, label in zip(test, test_labels):
+        similarity = torch.tensor([float(F.cosine_similarity(x, y, dim=0)) for y in train])
+        votes = [0.0] * CLASSES
+        for i in similarity.argsort(descending=True)[:k]:
+            votes[int(train_labels[i])] += float(torch.exp(similarity[i] / temperature))
+        correct += int(max(range(CLASSES), key=votes.__getitem__) == int(label))
+    expected = correct / len(test)
+    assert 0 < expected < 1
+    assert knn_top1(train, train_labels, test, test_labels, k, temperature, chunk=4) == pytest.approx(expected)
+
+
+def test_probe_command_on_a_backbone_and_on_scratch(tokens, tmp_path, capsys):
+    data, _ = tokens
+    params = write_params(tmp_path, data, tmp_path / "unused")
+    document = json.loads(params.read_text())
+    document["probe"] = {"k": 5, "linear_iterations": 50, "out_dir": str(tmp_path / "probe")}
+    params.write_text(json.dumps(document))
+    assert main(["probe", "--params", str(params), "--scratch"]) == 0
+    metrics = json.loads((tmp_path / "probe" / "metrics.json").read_text())
+    assert metrics["backbone"] == "scratch" and metrics["train_images"] == 64 and metrics["test_images"] == 16
+    for key in ("knn_top1", "linear_top1"):
+        assert 0 <= metrics[key] <= 1 and metrics[key] == metrics["avg"][key]
+    assert (tmp_path / "probe" / "probe.png").stat().st_size > 1000
+
+    assert main(["probe", "--params", str(params), "--backbone", str(tmp_path / "missing.safetensors")]) == 2
+    assert "missing.safetensors: no such file" in capsys.readouterr().err
+
+
+def test_monitor_does_not_change_the_training_run(tokens, tmp_path):
+    data, token_dir = tokens
+    runs = {}
+    for name, every in (("plain", 0), ("monitored", 0.5)):
+        folder = tmp_path / name
+        folder.mkdir()
+        finish(launch(write_params(folder, data, token_dir, probe_every=every, probe_train_images=32,
+                                   probe_test_images=16)))
+        runs[name] = history(folder)
+    probed = [record for record in runs["monitored"] if "knn_top1" in record]
+    assert [record["step"] for record in probed] == [2, 4, 6, 8]             # every half epoch of 4 steps
+    assert all(0 <= record["knn_top1"] <= 1 for record in probed)
+    assert [{k: v for k, v in record.items() if k != "knn_top1"} for record in runs["monitored"]] == runs["plain"]
+    assert json.loads((tmp_path / "monitored" / "out" / "metrics.json").read_text())["knn_top1"] == probed[-1]["knn_top1"]
