@@ -75,11 +75,13 @@ def test_clean_dataset_passes_and_writes_reports(dataset, capsys):
 def test_manifest_has_one_row_per_image_with_its_facts(dataset):
     tmp_path, _ = dataset
     manifest = read_manifest(tmp_path / "data")
-    assert list(manifest.columns) == ["key", "split", "label", "class_name", "shard", "bytes", "sha256",
-                                      "width", "height", "mode"]
+    assert list(manifest.columns) == ["key", "source_path", "split", "label", "class_name", "shard", "bytes",
+                                      "sha256", "width", "height", "mode"]
     assert len(manifest) == 24 and set(manifest["split"]) == {"train", "val"}
     row = manifest.iloc[0]
     assert (row.class_name, row.width, row.height, row["mode"]) == ("cat", 32, 32, "RGB")
+    assert (row.key, row.source_path) == ("train_00000000", "train/cat/000.png")
+    assert manifest["source_path"].iloc[-1] == "val/fox/003.png"
     assert row.shard == "shards/train-00000.tar"
     assert manifest.groupby("split")["shard"].nunique().to_dict() == {"train": 4, "val": 4}
 
@@ -107,6 +109,8 @@ def test_fashion_mnist_import_is_deterministic(tmp_path):
     assert manifest["split"].value_counts().to_dict() == {"train": 120, "test": 30}
     assert set(manifest["mode"]) == {"L"} and set(manifest["width"]) == {28}
     assert manifest["class_name"].iloc[0] == "Ankle boot"  # the first training image of Fashion-MNIST
+    assert manifest.set_index("key")["source_path"][["train_00000005", "test_00000029"]].tolist() == [
+        "train-images-idx3-ubyte.gz#5", "t10k-images-idx3-ubyte.gz#29"]
 
 
 @pytest.mark.parametrize("bad_bytes,reason", [
@@ -126,7 +130,7 @@ def test_unreadable_source_files_are_listed_and_refused(tmp_path, capsys, bad_by
     code, failed, _ = run_validate(params, capsys)
     assert code == 2
     assert list(failed) == ["import: every source file could be read"]
-    assert failed["import: every source file could be read"][0].startswith(f"{bad} ({reason}")
+    assert failed["import: every source file could be read"][0].startswith(f"train/dog/bad.png ({reason}")
 
 
 def rewrite_shard(path: Path, key: str, image: bytes | None = None) -> None:
@@ -147,8 +151,9 @@ def test_image_missing_from_its_shard(dataset, capsys):
     tmp_path, params = dataset
     rewrite_shard(tmp_path / "data" / "shards" / "val-00001.tar", "val_00000004")
     code, failed, captured = run_validate(params, capsys)
-    assert code == 2 and failed == {"shard: every listed image is present in its shard": ["val_00000004"]}
-    assert "FAIL shard: every listed image is present in its shard: 1 offending (val_00000004)" in captured.out
+    assert code == 2 and failed == {"shard: every listed image is present in its shard": ["val/dog/000.png (val_00000004)"]}
+    assert ("FAIL shard: every listed image is present in its shard: 1 offending (val/dog/000.png (val_00000004))"
+            in captured.out)
 
 
 @pytest.mark.parametrize("replacement,rules", [
@@ -159,7 +164,11 @@ def test_image_changed_inside_its_shard(dataset, capsys, replacement, rules):
     tmp_path, params = dataset
     rewrite_shard(tmp_path / "data" / "shards" / "train-00002.tar", "train_00000007", replacement)
     code, failed, _ = run_validate(params, capsys)
-    assert code == 2 and failed == {rule: ["train_00000007"] for rule in rules}
+    assert code == 2 and list(failed) == rules
+    assert failed["shard: sha256 matches the manifest"] == ["train/dog/003.png (train_00000007)"]
+    if "shard: every image decodes" in failed:
+        [offender] = failed["shard: every image decodes"]
+        assert offender.startswith("train/dog/003.png (train_00000007): cannot be decoded as an image")
 
 
 def edit_manifest(root: Path, edit) -> None:
@@ -173,7 +182,7 @@ def test_label_outside_class_list(dataset, capsys):
     tmp_path, params = dataset
     edit_manifest(tmp_path / "data", lambda t: t.__setitem__("label", t["label"].where(t["key"] != "train_00000002", 7)))
     code, failed, _ = run_validate(params, capsys)
-    assert code == 2 and failed == {"label: within the class list": ["train_00000002"]}
+    assert code == 2 and failed == {"label: within the class list": ["train/cat/002.png (train_00000002)"]}
 
 
 def import_and_validate(tmp_path, capsys, extra_files, **limits):
@@ -193,18 +202,22 @@ def test_duplicate_across_splits_is_leakage(tmp_path, capsys):
     failed, manifest = import_and_validate(tmp_path, capsys, {"val/fox/leaked.png": leaked})
     assert list(failed) == ["leakage: no image in more than one split"]
     expected = manifest[manifest["sha256"] == manifest[manifest["key"] == "val_00000012"]["sha256"].item()]["key"]
-    assert sorted(failed["leakage: no image in more than one split"]) == sorted(expected) == [
-        "train_00000001", "val_00000012"]
+    assert sorted(expected) == ["train_00000001", "val_00000012"]
+    assert sorted(failed["leakage: no image in more than one split"]) == [
+        "train/cat/001.png (train_00000001), same image as val/fox/leaked.png (val_00000012)",
+        "val/fox/leaked.png (val_00000012), same image as train/cat/001.png (train_00000001)"]
 
 
 def test_duplicate_within_split(tmp_path, capsys):
     failed, _ = import_and_validate(tmp_path, capsys, {"train/cat/copy.png": png(1)})
-    assert failed == {"duplicates: no image twice within a split": ["train_00000000", "train_00000004"]}
+    assert failed == {"duplicates: no image twice within a split": [
+        "train/cat/000.png (train_00000000), same image as train/cat/copy.png (train_00000004)",
+        "train/cat/copy.png (train_00000004), same image as train/cat/000.png (train_00000000)"]}
 
 
 def test_image_below_minimum_size(tmp_path, capsys):
     failed, _ = import_and_validate(tmp_path, capsys, {"val/dog/tiny.png": png(7, size=(8, 40))})
-    assert failed == {"size: width within 16..64": ["val_00000008"]}
+    assert failed == {"size: width within 16..64": ["val/dog/tiny.png (val_00000008)"]}
 
 
 def test_class_counts_and_balance(tmp_path, capsys):
@@ -213,6 +226,62 @@ def test_class_counts_and_balance(tmp_path, capsys):
     assert sorted(failed["classes: at least 5 images per class and split"]) == [
         "train/dog", "train/fox", "val/cat", "val/dog", "val/fox"]
     assert sorted(failed["classes: balanced (each at least 50% of its split's largest)"]) == ["train/dog", "train/fox"]
+
+
+def test_report_and_messages_name_source_files(tmp_path, capsys):
+    """A leaked, a duplicated and an undecodable file: each is named by its path in the source."""
+    image_folder(tmp_path / "src")
+    extra = {"val/fox/leaked.png": png(2), "train/dog/again.png": png(5), "train/fox/broken.png": png(9)[:50]}
+    for name, data in extra.items():
+        (tmp_path / "src" / name).write_bytes(data)
+    params = write_params(tmp_path)
+    assert main(["data", "import", "--params", str(params)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path}/src/train/fox/broken.png: cannot be decoded" in err and "Traceback" not in err
+    code, failed, captured = run_validate(params, capsys)
+    assert code == 2 and "Traceback" not in captured.err
+    assert set(failed) == {"import: every source file could be read", "duplicates: no image twice within a split",
+                           "leakage: no image in more than one split"}
+    assert failed["import: every source file could be read"][0].startswith("train/fox/broken.png (cannot be decoded")
+    assert failed["duplicates: no image twice within a split"] == [
+        "train/dog/000.png (train_00000004), same image as train/dog/again.png (train_00000008)",
+        "train/dog/again.png (train_00000008), same image as train/dog/000.png (train_00000004)"]
+    assert "val/fox/leaked.png (val_00000012), same image as train/cat/001.png (train_00000001)" in \
+        failed["leakage: no image in more than one split"]
+    page = (tmp_path / "report" / "validation.html").read_text()
+    assert all(name in page for name in extra)
+    assert "val/fox/leaked.png (val_00000012)" in captured.out
+
+
+def test_manifest_without_source_paths_names_images_by_key(dataset, capsys):
+    """A manifest written before source paths were kept still reads and validates."""
+    tmp_path, params = dataset
+    def edit(table):
+        del table["source_path"]
+        table["label"] = table["label"].where(table["key"] != "train_00000002", 7)
+    edit_manifest(tmp_path / "data", edit)
+    assert set(read_manifest(tmp_path / "data")["source_path"]) == {""}
+    code, failed, _ = run_validate(params, capsys)
+    assert code == 2 and failed == {"label: within the class list": ["train_00000002"]}
+
+
+def test_validating_other_data_writes_its_report_beside_it(dataset, capsys):
+    """Only data.dir's report goes to validate.report_dir; other data gets DATA-validation/."""
+    tmp_path, params = dataset
+    assert main(["validate", "--params", str(params)]) == 0
+    tracked = {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in (tmp_path / "report").iterdir()}
+    assert len(tracked) == 2
+    other = tmp_path / "elsewhere" / "other"
+    assert main(["data", "import", "--params", str(params), "--out", str(other)]) == 0
+    capsys.readouterr()
+    assert main(["validate", "--params", str(params), "--data", str(other)]) == 0
+    assert f"report: {other}-validation/validation.html" in capsys.readouterr().out
+    assert tracked == {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in (tmp_path / "report").iterdir()}
+    assert json.loads((tmp_path / "elsewhere" / "other-validation" / "validation.json").read_text())["dataset"] == \
+        str(other)
+    assert sorted(path.name for path in other.iterdir()) == ["dataset.json", "manifest.parquet", "shards"]
+    assert main(["validate", "--params", str(params), "--data", f"{tmp_path}/./data/"]) == 0  # data.dir, spelt otherwise
+    assert f"report: {tmp_path}/report/validation.html" in capsys.readouterr().out
 
 
 def test_missing_dataset_is_one_clear_message(tmp_path, capsys):

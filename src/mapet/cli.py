@@ -64,10 +64,22 @@ def _data_import(args: argparse.Namespace) -> None:
     counts = ", ".join(f"{split} {count}" for split, count in result.images.items())
     print(f"wrote {out}: {counts} images")
     if result.bad_files:
-        listing = "\n".join(f"  {bad['path']}: {bad['reason']}" for bad in result.bad_files)
+        listing = "\n".join(f"  {source_dir / bad['path']}: {bad['reason']}" for bad in result.bad_files)
         raise MapetError(f"{len(result.bad_files)} source file(s) could not be imported; they are left out and "
                          f"recorded in {out}/dataset.json, so validation refuses this dataset until they are "
                          f"fixed or removed:\n{listing}")
+
+
+def _default_report_dir(data: Path, params: dict) -> Path:
+    """validate.report_dir for the pipeline's own data (data.dir); for any other dataset folder
+    DATA, the folder DATA-validation beside it, so that checking other data never overwrites the
+    pipeline's tracked report."""
+    if data.resolve() == Path(param(params, "data.dir")).resolve():
+        return Path(param(params, "validate.report_dir"))
+    data = Path(os.path.normpath(data))
+    if data.name in ("", ".."):
+        data = Path(os.path.abspath(data))
+    return data.with_name(f"{data.name}-validation")
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -76,7 +88,7 @@ def _validate(args: argparse.Namespace) -> None:
 
     params = load_params(args.params)
     data = Path(args.data or param(params, "data.dir"))
-    report = Path(args.report or param(params, "validate.report_dir"))
+    report = Path(args.report) if args.report else _default_report_dir(data, params)
     section = param(params, "validate")
     limits = build_settings("validate", section, Limits, ignore=("report_dir", "workers"))
     results = validate_dataset(data, limits, workers=args.workers or section.get("workers", 1))
@@ -257,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = command(commands, "validate", _validate, "Validate a dataset folder with Great Expectations.")
     validate.add_argument("--data", help="dataset folder (default: data.dir)")
-    validate.add_argument("--report", help="report folder (default: validate.report_dir)")
+    validate.add_argument("--report", help="report folder (default: validate.report_dir for data.dir; for other "
+                          "--data DIR, DIR-validation beside it, never the pipeline's report)")
     validate.add_argument("--workers", type=int, help="shard-reading processes (default: validate.workers)")
 
     tokenizer = commands.add_parser("tokenizer", help="Tokenizer commands.", description="Tokenizer commands.")

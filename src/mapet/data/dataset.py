@@ -1,9 +1,15 @@
 """A dataset folder: shards, a manifest with one row per image, and a description.
 
     DIR/shards/<split>-<n>.tar   images in the WebDataset layout (mapet.data.shards)
-    DIR/manifest.parquet         key, split, label, class_name, shard, bytes, sha256, width, height, mode
+    DIR/manifest.parquet         key, source_path, split, label, class_name, shard, bytes, sha256,
+                                 width, height, mode
     DIR/dataset.json             format, classes, images per split, and every source file that
                                  could not be imported (path and reason)
+
+Paths name source files relative to the import's source folder (``train/cat/000.png``; for
+Fashion-MNIST, which has no per-image files, the IDX file and index:
+``train-images-idx3-ubyte.gz#12345``), so that messages point at files a user can find while the
+dataset's bytes do not depend on where the source was mounted.
 
 Importing writes into a temporary folder next to DIR and renames it into place at the end, so
 an interrupted import never leaves a half-written DIR behind nor destroys the previous one.
@@ -34,7 +40,7 @@ from mapet.errors import MapetError
 MANIFEST = "manifest.parquet"
 DESCRIPTION = "dataset.json"
 MANIFEST_SCHEMA = pa.schema([
-    ("key", pa.string()), ("split", pa.string()), ("label", pa.int32()), ("class_name", pa.string()),
+    ("key", pa.string()), ("source_path", pa.string()), ("split", pa.string()), ("label", pa.int32()), ("class_name", pa.string()),
     ("shard", pa.string()), ("bytes", pa.int64()), ("sha256", pa.string()),
     ("width", pa.int32()), ("height", pa.int32()), ("mode", pa.string()),
 ])
@@ -44,7 +50,7 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.Decompression
 @dataclass(frozen=True)
 class ImportResult:
     images: dict[str, int]              # imported images per split
-    bad_files: list[dict[str, str]]     # {"path", "split", "reason"} for each source file left out
+    bad_files: list[dict[str, str]]     # {"path" (relative to the source), "split", "reason"} per file left out
 
 
 def decode_problem(data: bytes) -> tuple[str, tuple[int, int, str] | None]:
@@ -97,13 +103,13 @@ def _write(source: Source, root: Path, format_name: str, shard_size: int, worker
             index = index_in_split.get(image.split, 0)
             index_in_split[image.split] = index + 1
             if problem:
-                bad_files.append({"path": image.origin, "split": image.split, "reason": problem})
+                bad_files.append({"path": image.path, "split": image.split, "reason": problem})
                 continue
             key = f"{image.split}_{index:08d}"
             writer = writers.setdefault(image.split, ShardWriter(root, image.split, shard_size))
             shard = writer.add(key, image.suffix, image.data, image.label)
             width, height, mode = geometry
-            rows.append((key, image.split, image.label, source.classes[image.label], shard, len(image.data),
+            rows.append((key, image.path, image.split, image.label, source.classes[image.label], shard, len(image.data),
                          digest, width, height, mode))
     for writer in writers.values():
         writer.close()
@@ -125,13 +131,21 @@ def _replace(new: Path, out: Path) -> None:
 
 
 def read_manifest(root: Path) -> pd.DataFrame:
+    """The manifest as a DataFrame, one row per image in key order.
+
+    A manifest written before source paths were kept has no ``source_path`` column; it reads with
+    that column empty, and validation then names its images by key alone.
+    """
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise MapetError(f"{path}: no manifest (is {root} a dataset folder written by `mapet data import`?)")
     try:
-        return pq.read_table(path).to_pandas()
+        manifest = pq.read_table(path).to_pandas()
     except (pa.ArrowException, OSError) as error:
         raise MapetError(f"{path}: not a readable Parquet manifest ({error})") from error
+    if "source_path" not in manifest:
+        manifest.insert(1, "source_path", "")
+    return manifest
 
 
 def read_description(root: Path) -> dict:

@@ -29,7 +29,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 class SourceImage:
     split: str
     label: int
-    origin: str           # where it came from, for messages (a path, or the IDX file and index)
+    path: str             # where it came from, relative to the source folder: "train/cat/000.png",
+                          # or the IDX file and index: "train-images-idx3-ubyte.gz#12345"
     suffix: str           # file suffix it is stored under in the shard, e.g. "png"
     data: bytes
     problem: str = ""     # why it could not be read, when it could not
@@ -37,6 +38,7 @@ class SourceImage:
 
 @dataclass(frozen=True)
 class Source:
+    root: Path                   # the source folder; image paths are relative to it
     classes: list[str]
     counts: dict[str, int]       # images per split that will be yielded
     images: Iterator[SourceImage]
@@ -78,11 +80,11 @@ def fashion_mnist(source: Path, max_per_split: dict[str, int]) -> Source:
     def generate() -> Iterator[SourceImage]:
         for split, (images, labels, stem) in arrays.items():
             for index in range(min(len(images), max_per_split.get(split, len(images)))):
-                yield SourceImage(split, int(labels[index]), f"{source}/{stem}-images-idx3-ubyte.gz[{index}]",
+                yield SourceImage(split, int(labels[index]), f"{stem}-images-idx3-ubyte.gz#{index}",
                                   "png", _png(images[index]))
 
     counts = {split: min(len(images), max_per_split.get(split, len(images))) for split, (images, _, _) in arrays.items()}
-    return Source(FASHION_MNIST_CLASSES, counts, generate())
+    return Source(source, FASHION_MNIST_CLASSES, counts, generate())
 
 
 def image_folder(source: Path, max_per_split: dict[str, int]) -> Source:
@@ -104,13 +106,14 @@ def image_folder(source: Path, max_per_split: dict[str, int]) -> Source:
         for split, paths in files.items():
             for path in paths[:max_per_split.get(split, len(paths))]:
                 label, suffix = label_of[path.parent.name], path.suffix.lower().lstrip(".")
+                relative = path.relative_to(source).as_posix()
                 try:
-                    yield SourceImage(split, label, str(path), suffix, path.read_bytes())
+                    yield SourceImage(split, label, relative, suffix, path.read_bytes())
                 except OSError as error:
-                    yield SourceImage(split, label, str(path), suffix, b"", f"unreadable ({error.strerror})")
+                    yield SourceImage(split, label, relative, suffix, b"", f"unreadable ({error.strerror})")
 
     counts = {split: min(len(paths), max_per_split.get(split, len(paths))) for split, paths in files.items()}
-    return Source(classes, counts, generate())
+    return Source(source, classes, counts, generate())
 
 
 FORMATS = {"fashion-mnist": fashion_mnist, "imagefolder": image_folder}

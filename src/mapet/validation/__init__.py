@@ -1,8 +1,10 @@
 """Refuse bad data before any GPU time is spent: Great Expectations over the manifest, over what
 the shards really hold, and over the class counts.
 
-Every rule is one GX expectation with a plain-language name; a failed rule names the images
-(keys, or source paths for files the import could not read) that broke it.
+Every rule is one GX expectation with a plain-language name; a failed rule names the images that
+broke it by source path (relative to the import's source folder) and key, e.g.
+``val/fox/leaked.png (val_00000012)``; the duplicate and leakage rules add where the image's copies
+are, the decode rule why it does not decode, and the import rule names the files it left out.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from mapet.data.dataset import decode_problem, read_description, read_manifest
 from mapet.data.shards import read_shard
 
 OFFENDERS_KEPT = 1000
+COPIES_NAMED = 3
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,30 @@ def _image_table(root: Path, manifest: pd.DataFrame, workers: int, progress: boo
     table["sha256_matches"] = ~table["in_shard"] | table["stored_sha256"].eq(table["sha256"])
     splits_per_image = table.groupby("sha256")["split"].transform("nunique")
     table["splits_with_this_image"] = splits_per_image
+    table["image"] = _image_names(table)
+    table["image_and_copies"] = _with_copies(table)
+    problem = table["decode_problem"].fillna("")
+    table["image_and_problem"] = table["image"].where(problem.eq(""), table["image"] + ": " + problem)
     return table
+
+
+def _image_names(manifest: pd.DataFrame) -> pd.Series:
+    """``source_path (key)`` for each image; the key alone where the manifest has no source path."""
+    paths = manifest["source_path"].fillna("")
+    return manifest["key"].where(paths.eq(""), paths + " (" + manifest["key"] + ")")
+
+
+def _with_copies(table: pd.DataFrame) -> pd.Series:
+    """Each image's name, followed, for an image stored more than once, by where its copies are."""
+    names = table["image"].copy()
+    repeated = table[table["sha256"].duplicated(keep=False)]
+    for _, group in repeated.groupby("sha256")["image"]:
+        first = group.tolist()[:COPIES_NAMED + 1]
+        for position, index in enumerate(group.index):
+            others = (first[:position] + first[position + 1:])[:COPIES_NAMED]
+            more = len(group) - 1 - len(others)
+            names[index] += ", same image as " + ", ".join(others) + (f" and {more} more" if more else "")
+    return names
 
 
 def _class_table(manifest: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
@@ -93,24 +119,24 @@ def _rules(limits: Limits, num_classes: int):
 
     return [
         ("import: every source file could be read", "bad_files", "path", gxe.ExpectTableRowCountToEqual(value=0)),
-        ("manifest: keys are unique", "images", "key", gxe.ExpectColumnValuesToBeUnique(column="key")),
-        ("shard: every listed image is present in its shard", "images", "key",
+        ("manifest: keys are unique", "images", "image", gxe.ExpectColumnValuesToBeUnique(column="key")),
+        ("shard: every listed image is present in its shard", "images", "image",
          gxe.ExpectColumnValuesToBeInSet(column="in_shard", value_set=[True])),
-        ("shard: every image decodes", "images", "key",
+        ("shard: every image decodes", "images", "image_and_problem",
          gxe.ExpectColumnValuesToBeInSet(column="decodable", value_set=[True])),
-        ("shard: sha256 matches the manifest", "images", "key",
+        ("shard: sha256 matches the manifest", "images", "image",
          gxe.ExpectColumnValuesToBeInSet(column="sha256_matches", value_set=[True])),
-        ("label: within the class list", "images", "key",
+        ("label: within the class list", "images", "image",
          gxe.ExpectColumnValuesToBeBetween(column="label", min_value=0, max_value=num_classes - 1)),
-        ("duplicates: no image twice within a split", "images", "key",
+        ("duplicates: no image twice within a split", "images", "image_and_copies",
          gxe.ExpectCompoundColumnsToBeUnique(column_list=["split", "sha256"])),
-        ("leakage: no image in more than one split", "images", "key",
+        ("leakage: no image in more than one split", "images", "image_and_copies",
          gxe.ExpectColumnValuesToBeBetween(column="splits_with_this_image", max_value=1)),
-        (f"size: width within {limits.min_size}..{limits.max_size}", "images", "key",
+        (f"size: width within {limits.min_size}..{limits.max_size}", "images", "image",
          gxe.ExpectColumnValuesToBeBetween(column="width", min_value=limits.min_size, max_value=limits.max_size)),
-        (f"size: height within {limits.min_size}..{limits.max_size}", "images", "key",
+        (f"size: height within {limits.min_size}..{limits.max_size}", "images", "image",
          gxe.ExpectColumnValuesToBeBetween(column="height", min_value=limits.min_size, max_value=limits.max_size)),
-        (f"mode: one of {', '.join(limits.modes)}", "images", "key",
+        (f"mode: one of {', '.join(limits.modes)}", "images", "image",
          gxe.ExpectColumnValuesToBeInSet(column="mode", value_set=list(limits.modes))),
         (f"classes: at least {limits.min_images_per_class} images per class and split", "classes", "class",
          gxe.ExpectColumnValuesToBeBetween(column="images", min_value=limits.min_images_per_class)),

@@ -46,7 +46,7 @@ tr.fail td:first-child {{ color: #b00; font-weight: bold; }} tr.pass td:first-ch
 </style></head><body>
 <h1>Data validation</h1>
 <p>Dataset <code>{html.escape(str(dataset))}</code> {verdict}.</p>
-<table><tr><th>result</th><th>rule</th><th>offending</th><th>which (images by key; files by path)</th></tr>
+<table><tr><th>result</th><th>rule</th><th>offending</th><th>which (images by source path and key; paths relative to the import's source folder)</th></tr>
 {chr(10).join(rows)}
 </table></body></html>
 """
