@@ -6,16 +6,21 @@ RWX workspace volume where the data, the tokens and the outputs live. Its name i
 the pipeline run and task, so a retried step finds the job it started before and re-attaches to
 it instead of starting a second one; a job that had failed is replaced, and `--resume` continues
 from its last checkpoint on the workspace.
+
+While it waits, the launcher follows each node's log with one streaming request per container
+instance (a thread each), so every byte of a log is fetched once; see `TrainJobLauncher.follow_logs`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +32,7 @@ JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"       # JobSet labels every
 SPEC_HASH_ANNOTATION = "mapet.dev/spec-sha256"
 TRAINER_CONTAINER = "node"                                 # the torch-distributed runtime's replicated job and container
 WORKSPACE_VOLUME = "workspace"
+RECONNECT_OVERLAP_SECONDS = 10                             # a reopened stream asks again for this much, deduplicated
 
 
 class LaunchError(RuntimeError):
@@ -101,15 +107,57 @@ def condition(job: dict[str, Any], kind: str) -> dict[str, Any] | None:
     return None
 
 
+def _stamp_key(stamp: str) -> str:
+    """A kubelet log timestamp (RFC 3339 in UTC, trailing zeros of the fraction trimmed) padded to
+    nanoseconds, so that keys compare as strings in time order."""
+    whole, _, fraction = stamp.rstrip("Z").partition(".")
+    return f"{whole}.{fraction:0<9}"
+
+
+def _trainer_container(pod) -> tuple[int, bool]:
+    """The trainer container's restart count (which instance of it runs) and whether it is running."""
+    for status in pod.status.container_statuses or []:
+        if status.name == TRAINER_CONTAINER:
+            return status.restart_count or 0, bool(status.state and status.state.running)
+    return 0, pod.status.phase == "Running"
+
+
+@dataclass(eq=False)
+class _InstanceLog:
+    """How far the log of one instance of a pod's trainer container has been printed: the newest
+    line's timestamp key and when (launcher clock) it arrived, and the thread streaming it."""
+
+    pod: str
+    restarts: int
+    stop: threading.Event                                   # set when the launcher stops following the job
+    thread: threading.Thread | None = None
+    response: Any = None
+    opened: bool = False                                    # a request for this instance has succeeded
+    last_key: str = ""
+    last_seen: float = 0.0
+    skip_through: str = ""                                  # a reconnected stream drops lines up to this key
+    error_reported: bool = False
+
+
 class TrainJobLauncher:
     """Creates, follows and deletes TrainJobs through the Kubernetes API (``custom``: a
-    CustomObjectsApi, ``core``: a CoreV1Api, or fakes of them in tests)."""
+    CustomObjectsApi, ``core``: a CoreV1Api, or fakes of them in tests). ``drain_seconds`` bounds
+    how long the end of a job waits for its pods' log streams to finish."""
 
     def __init__(self, custom, core, poll_seconds: float = 10.0, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep, log: Callable[[str], None] = print):
+                 sleep: Callable[[float], None] = time.sleep, log: Callable[[str], None] = print,
+                 drain_seconds: float = 30.0):
         self.custom, self.core = custom, core
-        self.poll_seconds, self.clock, self.sleep, self.log = poll_seconds, clock, sleep, log
-        self._printed: dict[str, int] = {}
+        self.poll_seconds, self.clock, self.sleep, self._log = poll_seconds, clock, sleep, log
+        self.drain_seconds = drain_seconds
+        self._lock = threading.Lock()
+        self._followed: dict[str, _InstanceLog] = {}
+        self._stop = threading.Event()
+
+    def log(self, message: str) -> None:
+        """One message, whole: log streams print from their own threads."""
+        with self._lock:
+            self._log(message)
 
     def _get(self, namespace: str, name: str) -> dict[str, Any] | None:
         from kubernetes.client.exceptions import ApiException
@@ -151,41 +199,132 @@ class TrainJobLauncher:
 
     def wait(self, namespace: str, name: str, timeout_seconds: float) -> dict[str, Any]:
         """Follows the job's logs until it completes; raises LaunchError when it fails, is
-        deleted, or runs past ``timeout_seconds`` (0: no limit)."""
+        deleted, or runs past ``timeout_seconds`` (0: no limit). A job that ends, completed or
+        failed, has its pods' logs printed to their end first (within ``drain_seconds``)."""
         started = self.clock()
-        while True:
-            job = self._get(namespace, name)
-            self.stream_logs(namespace, name)
-            if job is None:
-                raise LaunchError(f"TrainJob {namespace}/{name} disappeared while it was being followed")
-            if condition(job, "Complete"):
-                self.log(f"TrainJob {namespace}/{name} completed")
-                return job
-            failed = condition(job, "Failed")
-            if failed:
-                raise LaunchError(f"TrainJob {namespace}/{name} failed: {failed.get('reason', '')}: "
-                                  f"{failed.get('message', '')}")
-            if timeout_seconds and self.clock() - started > timeout_seconds:
-                raise LaunchError(f"TrainJob {namespace}/{name} did not complete within {timeout_seconds:.0f} s")
-            self.sleep(self.poll_seconds)
+        try:
+            while True:
+                job = self._get(namespace, name)
+                self.follow_logs(namespace, name)
+                if job is None:
+                    raise LaunchError(f"TrainJob {namespace}/{name} disappeared while it was being followed")
+                if condition(job, "Complete"):
+                    self.stop_following(self.drain_seconds)
+                    self.log(f"TrainJob {namespace}/{name} completed")
+                    return job
+                failed = condition(job, "Failed")
+                if failed:
+                    self.stop_following(self.drain_seconds)
+                    raise LaunchError(f"TrainJob {namespace}/{name} failed: {failed.get('reason', '')}: "
+                                      f"{failed.get('message', '')}")
+                if timeout_seconds and self.clock() - started > timeout_seconds:
+                    raise LaunchError(f"TrainJob {namespace}/{name} did not complete within {timeout_seconds:.0f} s")
+                self.sleep(self.poll_seconds)
+        finally:
+            self.stop_following(0)
 
-    def stream_logs(self, namespace: str, name: str) -> None:
-        """Prints the lines of each trainer pod's log not printed yet, prefixed with the pod's name."""
-        from kubernetes.client.exceptions import ApiException
+    def follow_logs(self, namespace: str, name: str) -> None:
+        """Makes sure every started trainer pod of the job has its log followed; called at each poll.
 
+        Each instance of a pod's trainer container gets one streaming request (``follow``) read by
+        a thread of its own, which prints the lines prefixed with the pod's name as they arrive.
+        A pod that appears later is picked up at the next poll. A container that restarted gets a
+        new stream, whose thread first lets the previous instance's stream end (so a pod's lines
+        stay in order) and reads with ``previous`` the instance before it if no stream followed
+        that one (it ran between two polls). A stream that breaks while its container runs is
+        reopened for its last seconds only (``since_seconds``), dropping by their timestamps the
+        lines already printed."""
         pods = self.core.list_namespaced_pod(namespace, label_selector=f"{JOBSET_NAME_LABEL}={name}").items
         for pod in sorted(pods, key=lambda p: p.metadata.name):
             if pod.status.phase not in ("Running", "Succeeded", "Failed"):
                 continue
-            try:
-                text = self.core.read_namespaced_pod_log(pod.metadata.name, namespace, container=TRAINER_CONTAINER)
-            except ApiException:
-                continue                                                    # not started yet, or gone
-            lines = text.splitlines()
-            done = self._printed.get(pod.metadata.name, 0)
-            for line in lines[done:]:
-                self.log(f"[{pod.metadata.name}] {line}")
-            self._printed[pod.metadata.name] = max(done, len(lines))
+            restarts, running = _trainer_container(pod)
+            followed = self._followed.get(pod.metadata.name)
+            before, unseen = None, None
+            if followed is None or restarts != followed.restarts:
+                if restarts > (followed.restarts + 1 if followed else 0):
+                    unseen = _InstanceLog(pod.metadata.name, restarts - 1, self._stop)
+                before = followed.thread if followed else None
+                followed = self._followed[pod.metadata.name] = _InstanceLog(pod.metadata.name, restarts, self._stop)
+            elif followed.thread.is_alive() or (followed.opened and not running):
+                continue                                                    # streaming, or read to its end
+            followed.thread = threading.Thread(target=self._follow, args=(namespace, followed, unseen, before),
+                                               name=f"log {pod.metadata.name}", daemon=True)
+            followed.thread.start()
+
+    def _follow(self, namespace: str, followed: _InstanceLog, unseen: _InstanceLog | None,
+                before: threading.Thread | None) -> None:
+        if before is not None:
+            before.join(self.drain_seconds)
+        if unseen is not None:
+            self._read_log(namespace, unseen, previous=True)
+        self._read_log(namespace, followed, follow=True)
+
+    def _read_log(self, namespace: str, instance: _InstanceLog, **query) -> None:
+        """Prints the lines of one log request as they arrive, until it ends or breaks."""
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
+        if instance.stop.is_set():
+            return
+        if instance.opened and instance.last_key:
+            instance.skip_through = instance.last_key
+            query["since_seconds"] = math.ceil(self.clock() - instance.last_seen) + RECONNECT_OVERLAP_SECONDS
+        try:
+            response = self.core.read_namespaced_pod_log(instance.pod, namespace, container=TRAINER_CONTAINER,
+                                                         timestamps=True, _preload_content=False, **query)
+        except ApiException as error:                                       # not started, or gone: tried next poll
+            if not instance.error_reported:
+                instance.error_reported = True
+                self.log(f"[{instance.pod}] cannot read the log: {error.status} {error.reason}")
+            return
+        instance.opened, instance.response = True, response
+        pending: list[bytes] = []
+        try:
+            for chunk in response.stream(amt=None, decode_content=False):
+                head, newline, tail = chunk.rpartition(b"\n")
+                if newline:
+                    pending.append(head)
+                    for line in b"".join(pending).split(b"\n"):
+                        self._print_line(instance, line)
+                    pending = []
+                pending.append(tail)
+            if rest := b"".join(pending):
+                self._print_line(instance, rest)
+        except (HTTPError, OSError):
+            pass                                                            # broken: reopened at the next poll
+        finally:
+            response.release_conn()
+
+    def _print_line(self, instance: _InstanceLog, line: bytes) -> None:
+        stamp, _, text = line.decode("utf-8", errors="replace").partition(" ")
+        key = _stamp_key(stamp)
+        if instance.skip_through:
+            if key <= instance.skip_through:
+                return
+            instance.skip_through = ""
+        instance.last_key, instance.last_seen = key, self.clock()
+        with self._lock:
+            if not instance.stop.is_set():
+                for part in text.splitlines() or [""]:
+                    self._log(f"[{instance.pod}] {part}")
+
+    def stop_following(self, drain_seconds: float) -> None:
+        """Gives the log streams up to ``drain_seconds`` to reach their ends (those of containers
+        that finished), then closes whatever still runs and prints nothing more from it."""
+        deadline = time.monotonic() + drain_seconds
+        for followed in self._followed.values():
+            followed.thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            self._stop.set()
+            self._stop = threading.Event()
+        for followed in self._followed.values():
+            if followed.thread.is_alive() and followed.response is not None:
+                try:
+                    followed.response.shutdown()                            # wakes the blocked read; close() does not
+                except (ValueError, RuntimeError):
+                    followed.response.close()
+        self._followed.clear()
 
     def delete(self, namespace: str, name: str, wait: bool = False, timeout_seconds: float = 300) -> None:
         from kubernetes.client.exceptions import ApiException
