@@ -11,7 +11,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 IMAGE ?= ghcr.io/mapet-project/mapet:0.1.0
 
-.PHONY: demo test setup debian lock benchmark pipeline image clean
+.PHONY: demo test setup debian lock benchmark compare pipeline image clean
 
 demo: setup data/manifest.parquet
 	dvc repro
@@ -51,6 +51,11 @@ lock:
 
 benchmark: setup
 	python benchmarks/pretrain_step.py
+
+# The fair comparison: mapet, plm, mim and scratch x 3 seeds, each a DVC experiment, at the budget of
+# params.yaml; tables in reports/compare/. Needs the data in DVC's cache (after `make demo`).
+compare: setup data/manifest.parquet
+	python benchmarks/compare.py
 
 # The Kubeflow pipeline compiled against $(IMAGE); commit pipelines/mapet_pipeline.yaml.
 pipeline: setup

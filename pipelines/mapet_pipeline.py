@@ -12,6 +12,7 @@ from components.data.component import materialize_data
 from components.evaluate.component import evaluate
 from components.finetune.component import finetune
 from components.pretrain.component import pretrain
+from components.probe.component import probe
 from components.tokenize.component import tokenize
 from components.tokenizer.component import build_tokenizer
 from components.validate.component import validate
@@ -24,7 +25,7 @@ DVC_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_
 
 
 @dsl.pipeline(name="mapet", description="MaPeT: validate -> k-CLIP tokenizer -> tokenize -> pre-train (TrainJob) "
-                                        "-> fine-tune -> evaluate, on the DVC-pinned data of a git revision.")
+                                        "-> probe, fine-tune -> evaluate, on the DVC-pinned data of a git revision.")
 def mapet_pipeline(
     repo_url: str,
     git_rev: str = "main",
@@ -68,14 +69,16 @@ def mapet_pipeline(
         gpus_per_node=gpus_per_node, node_selector=node_selector, tolerations=tolerations,
         workspace_pvc=workspace_pvc, timeout_minutes=pretrain_timeout_minutes,
     ).set_display_name("pre-train (TrainJob)").set_retry(2, backoff_duration="60s")
+    probe_step = probe(data=data, params=params, backbone=pretrain_step.outputs["backbone"]) \
+        .set_display_name("probe (k-NN, linear)")
     finetune_step = finetune(data=data, params=params, backbone=pretrain_step.outputs["backbone"]) \
         .set_display_name("fine-tune")
     evaluate_step = evaluate(data=data, params=params, model=finetune_step.outputs["model"]) \
         .set_display_name("evaluate")
 
-    for step in (data_step, checked, codebook_step, tokens_step, pretrain_step, finetune_step, evaluate_step):
+    for step in (data_step, checked, codebook_step, tokens_step, pretrain_step, probe_step, finetune_step, evaluate_step):
         kubernetes.mount_pvc(step, pvc_name=workspace_pvc, mount_path=WORKSPACE_MOUNT)
-    for step in (codebook_step, tokens_step, finetune_step):
+    for step in (codebook_step, tokens_step, probe_step, finetune_step):
         step.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(step_gpus)
         kubernetes.add_node_selector_json(step, node_selector)
         kubernetes.add_toleration_json(step, tolerations)

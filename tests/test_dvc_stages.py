@@ -1,4 +1,4 @@
-"""dvc.yaml on a tiny pinned repository, with real DVC: `dvc repro` runs the six stages and leaves
+"""dvc.yaml on a tiny pinned repository, with real DVC: `dvc repro` runs every stage and leaves
 a clean `dvc status` with metrics and plots declared, and an experiment that changes the
 objective reruns pre-training and what follows it, nothing before, and carries its metrics."""
 
@@ -12,7 +12,7 @@ import yaml
 from tests.tiny_repo import make_pinned_repo, sh
 
 pytestmark = pytest.mark.slow
-STAGES = ["validate", "tokenizer", "tokenize", "pretrain", "finetune", "evaluate"]
+STAGES = ["validate", "tokenizer", "tokenize", "pretrain", "probe", "probe-scratch", "finetune", "evaluate"]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,10 @@ def ran(output: str) -> list[str]:
 
 def test_repro_runs_every_stage_in_order_and_leaves_status_clean(reproduced):
     repo, output = reproduced
-    assert ran(output) == STAGES
+    assert sorted(ran(output)) == sorted(STAGES)
+    for earlier, later in zip(["validate", "tokenizer", "tokenize", "pretrain", "pretrain", "finetune"],
+                              ["tokenizer", "tokenize", "pretrain", "probe", "finetune", "evaluate"]):
+        assert ran(output).index(earlier) < ran(output).index(later)
     assert sh("dvc", "status", "--json", cwd=repo) == "{}"
     metrics = json.loads(sh("dvc", "metrics", "show", "--json", cwd=repo))
     files = next(iter(metrics.values()))["data"]
@@ -38,15 +41,22 @@ def test_repro_runs_every_stage_in_order_and_leaves_status_clean(reproduced):
     assert evaluate["images"] == 20 and 0 <= evaluate["top1"] <= evaluate["top5"] <= 1
     assert files["outputs/pretrain/metrics.json"]["data"]["objective"] == "mapet"
     assert files["reports/validation/validation.json"]["data"]["success"] is True
+    for probe in ("outputs/probe/metrics.json", "outputs/probe_scratch/metrics.json"):
+        assert 0 <= files[probe]["data"]["knn_top1"] <= 1 and 0 <= files[probe]["data"]["linear_top1"] <= 1
+    assert files["outputs/probe_scratch/metrics.json"]["data"]["backbone"] == "scratch"
+    knn = [r["knn_top1"] for r in json.loads((repo / "outputs/pretrain/history.json").read_text())]
+    assert knn[0] is None and all(0 <= value <= 1 for value in knn[1::2])     # probed every half epoch
     plots = sh("dvc", "plots", "show", "--json", "--split", cwd=repo)
-    for plot in ("outputs/pretrain/history.json", "outputs/finetune/history.json", "outputs/evaluate/predictions.csv"):
+    for plot in ("outputs/pretrain/history.json", "outputs/finetune/history.json", "outputs/evaluate/predictions.csv",
+                 "k-NN monitor (pre-training)", "outputs/probe/probe.png"):
         assert plot in plots
+    assert '"errors"' not in plots
 
 
 def test_objective_experiment_reruns_pretraining_and_what_follows_only(reproduced):
     repo, _ = reproduced
     output = sh("dvc", "exp", "run", "-n", "mim", "-S", "pretrain.objective=mim", cwd=repo)
-    assert ran(output) == ["pretrain", "finetune", "evaluate"]
+    assert sorted(ran(output)) == ["evaluate", "finetune", "pretrain", "probe"]
     shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=repo))
     experiments = [e for entry in shown for e in entry.get("experiments") or []]
     [mim] = [e for e in experiments if e.get("name") == "mim"]

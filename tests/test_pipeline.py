@@ -27,12 +27,13 @@ def test_committed_pipeline_yaml_is_current(tmp_path, monkeypatch):
 def test_compiled_pipeline_chains_the_steps_and_mounts_the_workspace():
     spec, platform = yaml.safe_load_all(COMPILED.read_text())
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"materialize-data", "validate", "build-tokenizer", "tokenize", "pretrain", "finetune",
-                          "evaluate"}
+    assert set(tasks) == {"materialize-data", "validate", "build-tokenizer", "tokenize", "pretrain", "probe",
+                          "finetune", "evaluate"}
+    assert "pretrain" in tasks["probe"]["dependentTasks"]
     assert tasks["pretrain"]["retryPolicy"]["maxRetryCount"] == 2
     assert tasks["materialize-data"]["cachingOptions"] == {}                     # never cached
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert all(e["pvcMount"][0]["mountPath"] == "/workspace" for e in executors.values()) and len(executors) == 7
+    assert all(e["pvcMount"][0]["mountPath"] == "/workspace" for e in executors.values()) and len(executors) == 8
     assert executors["exec-materialize-data"]["secretAsEnv"][0]["optional"] is True
     for name, executor in spec["deploymentSpec"]["executors"].items():
         assert executor["container"]["image"] == "ghcr.io/mapet-project/mapet:0.1.0", name
@@ -75,6 +76,10 @@ def test_whole_pipeline_runs_under_kfp_local(pinned_repo, tmp_path, monkeypatch)
     assert len(matrix["annotationSpecs"]) == 10 and sum(map(sum, (r["row"] for r in matrix["rows"]))) == 20
     correct = sum(row["row"][i] for i, row in enumerate(matrix["rows"]))
     assert correct / 20 == pytest.approx(metrics["top1"])
+    probed = json.loads((run / "probe" / "executor_output.json").read_text())["artifacts"]
+    for name in ("metrics", "scratch_metrics"):
+        probe_metrics = probed[name]["artifacts"][0]["metadata"]
+        assert probe_metrics["test_images"] == 20 and 0 <= probe_metrics["knn_top1"] <= 1, name
     described = json.loads((run / "materialize-data" / "executor_output.json").read_text())["artifacts"]
     assert described["data"]["artifacts"][0]["metadata"]["data_md5"] == md5
 

@@ -123,9 +123,10 @@ def run_pretrain(settings: PretrainSettings, data: Path, tokens_dir: Path, out: 
         probe_steps = max(1, round(settings.probe_every * steps_per_epoch)) if settings.probe_every else 0
 
         def after_step(step: int) -> dict:
-            """The k-NN monitor: computed on rank 0 while the others wait, then shared."""
+            """The k-NN monitor: computed on rank 0 while the others wait, then shared; null between
+            probes, so that every record has the same fields (DVC's plots need that)."""
             if not probe_steps or (step % probe_steps and step != settings.epochs * steps_per_epoch):
-                return {}
+                return {"knn_top1": None}
             value = torch.zeros((), device=device)
             if rank == 0:
                 value += knn_monitor(engine.module.backbone, data, monitor)
@@ -138,7 +139,7 @@ def run_pretrain(settings: PretrainSettings, data: Path, tokens_dir: Path, out: 
                                    desc=f"pretrain {settings.objective}", progress=progress, after_step=after_step)
         metrics = {"objective": settings.objective, "steps": len(history), "loss": history[-1]["loss"],
                    "token_accuracy": history[-1]["token_accuracy"], **speed}
-        if "knn_top1" in history[-1]:
+        if history[-1].get("knn_top1") is not None:
             metrics["knn_top1"] = history[-1]["knn_top1"]
         if rank == 0:
             provenance = {"tokens": {k: token_info[k] for k in ("encoder", "k", "manifest_sha256", "codebook_sha256")}}

@@ -1,0 +1,135 @@
+"""The fair comparison of the pre-training objectives, each run a DVC experiment.
+
+    make compare                                        # mapet, plm, mim and scratch x seeds 0 1 2
+    python benchmarks/compare.py --seeds 0 1 2 --objectives mapet plm mim
+    python benchmarks/compare.py --out reports/compare-gpu --set pretrain.max_shards=0 --set pretrain.epochs=10
+    python benchmarks/compare.py --report-only          # rebuild the tables from the experiments DVC holds
+
+Every arm gets the same data, tokens, budget and fine-tuning recipe (the workspace's params.yaml
+plus --set); only the objective, or the initialisation (scratch: no pre-training, the baseline),
+and the seed change. A seed sets pre-training's, fine-tuning's and the probe's seed alike, so
+the scratch run of seed S is compared with the pre-trained runs of seed S. Each run is `dvc exp run
+--temp` named ``cmp-<arm>-s<seed>`` (the workspace is left as it is; DVC's run cache skips the
+stages an arm shares with another, such as the tokens). The tables are written to
+OUT/results.json (one record per run: objective, init, seed, top1, top5, knn_top1, linear_top1,
+loss) and OUT/results.md (mean +- std per arm, then every run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+OBJECTIVES = ("mapet", "plm", "mim")
+PROBE = {"pretrained": "outputs/probe/metrics.json", "scratch": "outputs/probe_scratch/metrics.json"}
+
+
+def arms(objectives: list[str]) -> list[tuple[str, str]]:
+    """(objective, init) of every arm: each objective pre-trained, then scratch."""
+    return [(objective, "pretrained") for objective in objectives] + [("none", "scratch")]
+
+
+def experiment_name(objective: str, init: str, seed: int) -> str:
+    return f"cmp-{objective if init == 'pretrained' else 'scratch'}-s{seed}"
+
+
+def run_arm(objective: str, init: str, seed: int, overrides: list[str]) -> None:
+    settings = [f"pretrain.objective={objective if init == 'pretrained' else 'mapet'}", f"finetune.init={init}",
+                f"pretrain.seed={seed}", f"finetune.seed={seed}", f"probe.seed={seed}", *overrides]
+    command = ["dvc", "exp", "run", "--temp", "-n", experiment_name(objective, init, seed)]
+    command += [part for setting in settings for part in ("-S", setting)]
+    print("+ " + " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+
+
+def experiment_metrics() -> dict[str, dict]:
+    """name -> {metrics file: its data} of every experiment DVC holds."""
+    shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], check=True, capture_output=True,
+                                      text=True).stdout)
+    found = {}
+    for entry in shown:
+        for experiment in entry.get("experiments") or []:
+            revision = experiment["revs"][0]
+            metrics = (revision.get("data") or {}).get("metrics") or {}
+            found[experiment.get("name") or revision.get("name")] = {
+                path: document.get("data", {}) for path, document in metrics.items()}
+    return found
+
+
+def record(objective: str, init: str, seed: int, metrics: dict[str, dict]) -> dict:
+    evaluated, probed = metrics["outputs/evaluate/metrics.json"], metrics[PROBE[init]]
+    pretrained = init == "pretrained"
+    return {"objective": objective, "init": init, "seed": seed, "top1": evaluated["top1"],
+            "top5": evaluated.get("top5"), "knn_top1": probed["knn_top1"], "linear_top1": probed["linear_top1"],
+            "loss": metrics["outputs/pretrain/metrics.json"]["loss"] if pretrained else None}
+
+
+def table(records: list[dict]) -> str:
+    """Markdown: mean +- std (sample, over seeds) per arm, then every run."""
+    columns = ("top1", "top5", "knn_top1", "linear_top1", "loss")
+
+    def spread(values: list[float]) -> str:
+        if not values:
+            return ""
+        deviation = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.4f} +- {deviation:.4f}"
+
+    lines = ["| arm | runs | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for arm in dict.fromkeys((r["objective"], r["init"]) for r in records):
+        runs = [r for r in records if (r["objective"], r["init"]) == arm]
+        name = arm[0] if arm[1] == "pretrained" else "scratch"
+        cells = [spread([r[c] for r in runs if r[c] is not None]) for c in columns]
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+    lines += ["", "| objective | init | seed | " + " | ".join(columns) + " |", "|---|---|---|" + "---|" * len(columns)]
+    for r in records:
+        cells = ["" if r[c] is None else f"{r[c]:.4f}" for c in columns]
+        lines.append(f"| {r['objective']} | {r['init']} | {r['seed']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_atomically(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a parameter override for every run (the budget), as `dvc exp run -S`")
+    parser.add_argument("--out", type=Path, default=Path("reports/compare"))
+    parser.add_argument("--report-only", action="store_true", help="write the tables from existing experiments")
+    args = parser.parse_args()
+
+    runs = [(objective, init, seed) for seed in args.seeds for objective, init in arms(args.objectives)]
+    if not args.report_only:
+        for objective, init, seed in runs:
+            run_arm(objective, init, seed, args.set)
+    found = experiment_metrics()
+    missing = [experiment_name(*run) for run in runs if experiment_name(*run) not in found]
+    if missing:
+        print(f"compare: error: no DVC experiment named {', '.join(missing)} (run without --report-only)",
+              file=sys.stderr)
+        return 2
+    records = [record(*run, found[experiment_name(*run)]) for run in runs]
+    records.sort(key=lambda r: ([*args.objectives, "none"].index(r["objective"]), r["seed"]))
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_atomically(args.out / "results.json", json.dumps(records, indent=2) + "\n")
+    overrides = ", ".join(f"`{setting}`" for setting in args.set) or "none"
+    write_atomically(args.out / "results.md", f"# Objectives compared\n\nSeeds {', '.join(map(str, args.seeds))}; "
+                     f"overrides of params.yaml: {overrides}. Top-1/top-5: the fine-tuned classifier on the test "
+                     f"split; k-NN and linear: the frozen backbone (`mapet probe`, average-pooled patches); loss: "
+                     f"pre-training's last step.\n\n" + table(records))
+    print(f"wrote {args.out / 'results.json'} and {args.out / 'results.md'} ({len(records)} runs)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

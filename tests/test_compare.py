@@ -1,0 +1,42 @@
+"""The fair comparison: real `dvc exp run --temp` experiments on the tiny pinned repository, and
+its tables."""
+
+import json
+import sys
+
+import pytest
+
+from benchmarks.compare import table
+from tests.tiny_repo import ROOT, make_pinned_repo, sh
+
+
+def test_table_gives_mean_and_sample_spread_per_arm_then_every_run():
+    records = [{"objective": "mapet", "init": "pretrained", "seed": s, "top1": t, "top5": 0.9, "knn_top1": 0.5,
+                "linear_top1": 0.6, "loss": 2.0} for s, t in ((0, 0.70), (1, 0.74))]
+    records.append({"objective": "none", "init": "scratch", "seed": 0, "top1": 0.6, "top5": 0.8, "knn_top1": 0.4,
+                    "linear_top1": 0.5, "loss": None})
+    lines = table(records).splitlines()
+    assert lines[2] == "| mapet | 2 | 0.7200 +- 0.0283 | 0.9000 +- 0.0000 | 0.5000 +- 0.0000 | 0.6000 +- 0.0000 | " \
+                       "2.0000 +- 0.0000 |"
+    assert lines[3].startswith("| scratch | 1 | 0.6000 +- 0.0000 |") and lines[3].endswith("|  |")
+    assert lines[-1] == "| none | scratch | 0 | 0.6000 | 0.8000 | 0.4000 | 0.5000 |  |"
+
+
+@pytest.mark.slow
+def test_compare_runs_each_arm_as_an_experiment_and_writes_the_tables(tmp_path):
+    repo = make_pinned_repo(tmp_path, with_stages=True)
+    sh(sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--seeds", "3", "--objectives", "plm", cwd=repo)
+    assert sh("git", "status", "--porcelain", cwd=repo) == "?? reports/"       # the workspace is left as it was
+    records = json.loads((repo / "reports" / "compare" / "results.json").read_text())
+    assert [(r["objective"], r["init"], r["seed"]) for r in records] == [("plm", "pretrained", 3), ("none", "scratch", 3)]
+    for r in records:
+        assert set(r) == {"objective", "init", "seed", "top1", "top5", "knn_top1", "linear_top1", "loss"}
+        assert 0 <= r["top1"] <= r["top5"] <= 1 and 0 <= r["knn_top1"] <= 1 and 0 <= r["linear_top1"] <= 1
+    assert records[0]["loss"] > 0 and records[1]["loss"] is None
+    shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=repo))
+    names = {e.get("name") for entry in shown for e in entry.get("experiments") or []}
+    assert {"cmp-plm-s3", "cmp-scratch-s3"} <= names
+    params = {e["name"]: e["revs"][0]["data"]["params"]["params.yaml"]["data"]
+              for entry in shown for e in entry.get("experiments") or [] if e.get("name")}
+    assert params["cmp-scratch-s3"]["finetune"]["init"] == "scratch" and params["cmp-plm-s3"]["pretrain"]["seed"] == 3
+    assert "| plm | 1 |" in (repo / "reports" / "compare" / "results.md").read_text()
