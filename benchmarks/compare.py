@@ -38,13 +38,14 @@ def experiment_name(objective: str, init: str, seed: int) -> str:
     return f"cmp-{objective if init == 'pretrained' else 'scratch'}-s{seed}"
 
 
-def run_arm(objective: str, init: str, seed: int, overrides: list[str]) -> None:
+def run_arm(objective: str, init: str, seed: int, overrides: list[str]) -> int:
+    """Runs one arm as a DVC experiment; returns dvc's exit status."""
     settings = [f"pretrain.objective={objective if init == 'pretrained' else 'mapet'}", f"finetune.init={init}",
                 f"pretrain.seed={seed}", f"finetune.seed={seed}", f"probe.seed={seed}", *overrides]
     command = ["dvc", "exp", "run", "--temp", "-n", experiment_name(objective, init, seed)]
     command += [part for setting in settings for part in ("-S", setting)]
     print("+ " + " ".join(command), flush=True)
-    subprocess.run(command, check=True)
+    return subprocess.run(command).returncode
 
 
 def experiment_metrics() -> dict[str, dict]:
@@ -111,7 +112,12 @@ def main() -> int:
     runs = [(objective, init, seed) for seed in args.seeds for objective, init in arms(args.objectives)]
     if not args.report_only:
         for objective, init, seed in runs:
-            run_arm(objective, init, seed, args.set)
+            status = run_arm(objective, init, seed, args.set)
+            if status:
+                print(f"compare: error: `dvc exp run` of {experiment_name(objective, init, seed)} exited with status "
+                      f"{status} (its message is above); the runs before it are kept as DVC experiments",
+                      file=sys.stderr)
+                return 2
     found = experiment_metrics()
     missing = [experiment_name(*run) for run in runs if experiment_name(*run) not in found]
     if missing:

@@ -48,6 +48,7 @@ class FinetuneSettings:
     label_smoothing: float = 0.1
     auto_augment: str = "rand-m9-mstd0.5"
     reprob: float = 0.25
+    crop_scale: tuple[float, float] = (0.08, 1.0)   # RandomResizedCrop's range of areas
     grad_clip: float = 0.0
     zero_stage: int = 1
     bf16: bool | None = None
@@ -101,7 +102,7 @@ def run_finetune(settings: FinetuneSettings, data: Path, backbone_file: Path | N
                   f"{'resuming at step ' + str(step) if step else 'starting at step 0'}")
 
         transform = finetune_transform(settings.model_kwargs["img_size"], settings.auto_augment or None,
-                                       settings.reprob)
+                                       settings.reprob, tuple(settings.crop_scale))
         dataset = ShardDataset(data, settings.split, transform, shuffle=True, seed=settings.seed, rank=rank,
                                world_size=world, shards=shards)
 
