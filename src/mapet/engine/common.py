@@ -80,6 +80,26 @@ def make_engine(settings, model: torch.nn.Module, groups: list[dict], steps_per_
     return engine, bf16
 
 
+def fp32_state_dict(engine) -> dict[str, torch.Tensor]:
+    """The module's state dict on the CPU in float32, every parameter replaced by its fp32 master
+    weight where the optimizer keeps one (bf16, ZeRO 1 and 2), so that exported weights keep full
+    precision. Collective: every rank must call it.
+
+    DeepSpeed's ``safe_get_full_fp32_param`` all-reduces each parameter's fragments from the
+    ranks' optimizer partitions; it gives None where the module holds the master itself (fp32
+    without ZeRO) and for parameters the optimizer does not train.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state = engine.module.state_dict()
+    for name, param in engine.module.named_parameters(remove_duplicate=False):
+        master = safe_get_full_fp32_param(param)
+        if master is not None:
+            state[name] = master
+    return {name: tensor.detach().cpu().float() if tensor.is_floating_point() else tensor.detach().cpu()
+            for name, tensor in state.items()}
+
+
 def use_compile(setting: bool | str, device: torch.device) -> bool:
     """A loop's ``compile`` setting: ``auto`` compiles on GPUs only."""
     return device.type == "cuda" if setting == "auto" else setting

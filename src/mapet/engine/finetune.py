@@ -18,7 +18,8 @@ from timm.loss import SoftTargetCrossEntropy
 from mapet.data.dataset import read_description, read_manifest
 from mapet.data.reader import ShardDataset
 from mapet.data.transforms import finetune_transform
-from mapet.engine.common import make_engine, plan_steps, resume_state, select_shards, train_steps, write_json
+from mapet.engine.common import (fp32_state_dict, make_engine, plan_steps, resume_state, select_shards,
+                                 train_steps, write_json)
 from mapet.engine.distributed import init_distributed, teardown
 from mapet.engine.optim import parameter_groups
 from mapet.errors import MapetError
@@ -125,9 +126,10 @@ def run_finetune(settings: FinetuneSettings, data: Path, backbone_file: Path | N
                                    desc="finetune", progress=progress)
         metrics = {"steps": len(history), "loss": history[-1]["loss"],
                    "initialised_from": str(backbone_file or "scratch"), **speed}
+        weights = fp32_state_dict(engine)                                   # collective: every rank gathers
         if rank == 0:
             save_classifier(engine.module, settings.backbone, kwargs, classes, out / "model.safetensors",
-                            {"backbone_file": str(backbone_file or "scratch")})
+                            {"backbone_file": str(backbone_file or "scratch")}, weights)
             write_json(out / "metrics.json", metrics)
             write_json(out / "history.json", history)
         return metrics

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from mapet.data.dataset import read_manifest
 from mapet.data.reader import ShardDataset
 from mapet.data.transforms import normalize_batch, pretrain_transform
-from mapet.engine.common import make_engine, plan_steps, resume_state, select_shards, train_steps, write_json
+from mapet.engine.common import (fp32_state_dict, make_engine, plan_steps, resume_state, select_shards,
+                                 train_steps, write_json)
 from mapet.engine.distributed import init_distributed, teardown
 from mapet.engine.optim import parameter_groups
 from mapet.engine.probe import ProbeSettings, knn_monitor
@@ -141,10 +142,11 @@ def run_pretrain(settings: PretrainSettings, data: Path, tokens_dir: Path, out: 
                    "token_accuracy": history[-1]["token_accuracy"], **speed}
         if history[-1].get("knn_top1") is not None:
             metrics["knn_top1"] = history[-1]["knn_top1"]
+        weights = fp32_state_dict(engine)                                   # collective: every rank gathers
         if rank == 0:
             provenance = {"tokens": {k: token_info[k] for k in ("encoder", "k", "manifest_sha256", "codebook_sha256")}}
-            save_pretrain_model(engine.module, out / "model.safetensors", provenance)
-            save_backbone(engine.module, out / "backbone.safetensors")
+            save_pretrain_model(engine.module, out / "model.safetensors", provenance, weights)
+            save_backbone(engine.module, out / "backbone.safetensors", weights)
             write_json(out / "metrics.json", metrics)
             write_json(out / "history.json", history)
         return metrics

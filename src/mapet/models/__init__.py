@@ -57,10 +57,13 @@ def create_pretrain_model(objective: str, backbone: str, vocab_size: int, **timm
     return model
 
 
-def export_backbone(model: PretrainModel) -> dict[str, torch.Tensor]:
+def export_backbone(model: PretrainModel, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The backbone's weights: ``timm.create_model(name, **timm_kwargs)`` loads them strictly
-    except for its classifier head (absent here; the backbone was built without one)."""
-    return {name: tensor.detach().clone() for name, tensor in model.backbone.state_dict().items()}
+    except for its classifier head (absent here; the backbone was built without one).
+    ``state_dict``: the whole model's weights to take them from (default: the model's own)."""
+    state = model.state_dict() if state_dict is None else state_dict
+    return {name.removeprefix("backbone."): tensor.detach().clone() for name, tensor in state.items()
+            if name.startswith("backbone.")}
 
 
 def _save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str | os.PathLike) -> None:
@@ -86,14 +89,16 @@ def _load(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.Tensor], 
     return tensors, metadata
 
 
-def save_pretrain_model(model: PretrainModel, path: str | os.PathLike, provenance: dict | None = None) -> None:
+def save_pretrain_model(model: PretrainModel, path: str | os.PathLike, provenance: dict | None = None,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write the whole pre-training model (backbone, mask token, token head) with its description
-    and, optionally, where it came from (tokenizer, data version) as JSON under ``provenance``."""
+    and, optionally, where it came from (tokenizer, data version) as JSON under ``provenance``.
+    ``state_dict``: the weights to write instead of the model's own (e.g. fp32 master weights)."""
     metadata = {"kind": "pretrain", "objective": model.objective, "backbone": model.backbone_name,
                 "vocab_size": str(model.vocab_size), "timm_kwargs": json.dumps(model.timm_kwargs)}
     if provenance is not None:
         metadata["provenance"] = json.dumps(provenance)
-    _save(model.state_dict(), metadata, path)
+    _save(model.state_dict() if state_dict is None else state_dict, metadata, path)
 
 
 def load_pretrain_model(path: str | os.PathLike) -> PretrainModel:
@@ -104,11 +109,12 @@ def load_pretrain_model(path: str | os.PathLike) -> PretrainModel:
     return model
 
 
-def save_backbone(model: PretrainModel, path: str | os.PathLike) -> None:
-    """Write :func:`export_backbone` as a safetensors file that timm can load."""
-    _save(export_backbone(model), {"kind": "backbone", "backbone": model.backbone_name,
-                                   "objective": model.objective, "timm_kwargs": json.dumps(model.timm_kwargs)},
-          path)
+def save_backbone(model: PretrainModel, path: str | os.PathLike,
+                  state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write :func:`export_backbone` (of ``state_dict`` if given) as a safetensors file that timm can load."""
+    _save(export_backbone(model, state_dict), {"kind": "backbone", "backbone": model.backbone_name,
+                                               "objective": model.objective,
+                                               "timm_kwargs": json.dumps(model.timm_kwargs)}, path)
 
 
 def load_backbone(model: VisionTransformer, path: str | os.PathLike) -> list[str]:
@@ -139,10 +145,13 @@ def load_backbone_file(path: str | os.PathLike) -> VisionTransformer:
 
 
 def save_classifier(model: VisionTransformer, backbone: str, timm_kwargs: dict, classes: list[str],
-                    path: str | os.PathLike, provenance: dict | None = None) -> None:
-    """A fine-tuned classifier with what rebuilds it: timm name, arguments, class names."""
-    _save(model.state_dict(), {"kind": "classifier", "backbone": backbone, "timm_kwargs": json.dumps(timm_kwargs),
-                               "classes": json.dumps(classes), "provenance": json.dumps(provenance or {})}, path)
+                    path: str | os.PathLike, provenance: dict | None = None,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """A fine-tuned classifier with what rebuilds it: timm name, arguments, class names;
+    ``state_dict``: the weights to write instead of the model's own (e.g. fp32 master weights)."""
+    _save(model.state_dict() if state_dict is None else state_dict,
+          {"kind": "classifier", "backbone": backbone, "timm_kwargs": json.dumps(timm_kwargs),
+           "classes": json.dumps(classes), "provenance": json.dumps(provenance or {})}, path)
 
 
 def load_classifier(path: str | os.PathLike) -> tuple[VisionTransformer, list[str], dict]:
