@@ -11,6 +11,7 @@ from kfp import compiler, dsl, kubernetes
 from components.data.component import materialize_data
 from components.evaluate.component import evaluate
 from components.finetune.component import finetune
+from components.pictures.component import pictures
 from components.pretrain.component import pretrain
 from components.probe.component import probe
 from components.tokenize.component import tokenize
@@ -25,7 +26,8 @@ DVC_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_
 
 
 @dsl.pipeline(name="mapet", description="MaPeT: validate -> k-CLIP tokenizer -> tokenize -> pre-train (TrainJob) "
-                                        "-> probe, fine-tune -> evaluate, on the DVC-pinned data of a git revision.")
+                                        "-> probe, pictures, fine-tune -> evaluate, on the DVC-pinned data of a git "
+                                        "revision.")
 def mapet_pipeline(
     repo_url: str,
     git_rev: str = "main",
@@ -71,12 +73,15 @@ def mapet_pipeline(
     ).set_display_name("pre-train (TrainJob)").set_retry(2, backoff_duration="60s")
     probe_step = probe(data=data, params=params, backbone=pretrain_step.outputs["backbone"]) \
         .set_display_name("probe (k-NN, linear)")
+    pictures_step = pictures(data=data, params=params, tokens=tokens_step.outputs["tokens"],
+                             model=pretrain_step.outputs["model"]).set_display_name("pictures")
     finetune_step = finetune(data=data, params=params, backbone=pretrain_step.outputs["backbone"]) \
         .set_display_name("fine-tune")
     evaluate_step = evaluate(data=data, params=params, model=finetune_step.outputs["model"]) \
         .set_display_name("evaluate")
 
-    for step in (data_step, checked, codebook_step, tokens_step, pretrain_step, probe_step, finetune_step, evaluate_step):
+    for step in (data_step, checked, codebook_step, tokens_step, pretrain_step, probe_step, pictures_step, finetune_step,
+                 evaluate_step):
         kubernetes.mount_pvc(step, pvc_name=workspace_pvc, mount_path=WORKSPACE_MOUNT)
     for step in (codebook_step, tokens_step, probe_step, finetune_step):
         step.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(step_gpus)

@@ -12,7 +12,8 @@ import yaml
 from tests.tiny_repo import make_pinned_repo, sh
 
 pytestmark = pytest.mark.slow
-STAGES = ["validate", "tokenizer", "tokenize", "pretrain", "probe", "probe-scratch", "finetune", "evaluate"]
+STAGES = ["validate", "tokenizer", "tokenize", "pretrain", "probe", "probe-scratch", "pictures", "finetune",
+          "evaluate"]
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +32,8 @@ def ran(output: str) -> list[str]:
 def test_repro_runs_every_stage_in_order_and_leaves_status_clean(reproduced):
     repo, output = reproduced
     assert sorted(ran(output)) == sorted(STAGES)
-    for earlier, later in zip(["validate", "tokenizer", "tokenize", "pretrain", "pretrain", "finetune"],
-                              ["tokenizer", "tokenize", "pretrain", "probe", "finetune", "evaluate"]):
+    for earlier, later in zip(["validate", "tokenizer", "tokenize", "pretrain", "pretrain", "pretrain", "finetune"],
+                              ["tokenizer", "tokenize", "pretrain", "probe", "pictures", "finetune", "evaluate"]):
         assert ran(output).index(earlier) < ran(output).index(later)
     assert sh("dvc", "status", "--json", cwd=repo) == "{}"
     metrics = json.loads(sh("dvc", "metrics", "show", "--json", cwd=repo))
@@ -48,7 +49,8 @@ def test_repro_runs_every_stage_in_order_and_leaves_status_clean(reproduced):
     assert knn[0] is None and all(0 <= value <= 1 for value in knn[1::2])     # probed every half epoch
     plots = sh("dvc", "plots", "show", "--json", "--split", cwd=repo)
     for plot in ("outputs/pretrain/history.json", "outputs/finetune/history.json", "outputs/evaluate/predictions.csv",
-                 "k-NN monitor (pre-training)", "outputs/probe/probe.png"):
+                 "k-NN monitor (pre-training)", "outputs/probe/probe.png", "outputs/pictures/predictions.png",
+                 "outputs/pictures/codebook.png"):
         assert plot in plots
     assert '"errors"' not in plots
 
@@ -56,7 +58,7 @@ def test_repro_runs_every_stage_in_order_and_leaves_status_clean(reproduced):
 def test_objective_experiment_reruns_pretraining_and_what_follows_only(reproduced):
     repo, _ = reproduced
     output = sh("dvc", "exp", "run", "-n", "mim", "-S", "pretrain.objective=mim", cwd=repo)
-    assert sorted(ran(output)) == ["evaluate", "finetune", "pretrain", "probe"]
+    assert sorted(ran(output)) == ["evaluate", "finetune", "pictures", "pretrain", "probe"]
     shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=repo))
     experiments = [e for entry in shown for e in entry.get("experiments") or []]
     [mim] = [e for e in experiments if e.get("name") == "mim"]

@@ -28,12 +28,15 @@ def test_compiled_pipeline_chains_the_steps_and_mounts_the_workspace():
     spec, platform = yaml.safe_load_all(COMPILED.read_text())
     tasks = spec["root"]["dag"]["tasks"]
     assert set(tasks) == {"materialize-data", "validate", "build-tokenizer", "tokenize", "pretrain", "probe",
-                          "finetune", "evaluate"}
+                          "pictures", "finetune", "evaluate"}
     assert "pretrain" in tasks["probe"]["dependentTasks"]
+    assert {"pretrain", "tokenize"} <= set(tasks["pictures"]["dependentTasks"])
+    assert spec["components"]["comp-pictures"]["outputDefinitions"]["artifacts"]["report"]["artifactType"][
+        "schemaTitle"] == "system.HTML"
     assert tasks["pretrain"]["retryPolicy"]["maxRetryCount"] == 2
     assert tasks["materialize-data"]["cachingOptions"] == {}                     # never cached
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert all(e["pvcMount"][0]["mountPath"] == "/workspace" for e in executors.values()) and len(executors) == 8
+    assert all(e["pvcMount"][0]["mountPath"] == "/workspace" for e in executors.values()) and len(executors) == 9
     assert executors["exec-materialize-data"]["secretAsEnv"][0]["optional"] is True
     for name, executor in spec["deploymentSpec"]["executors"].items():
         assert executor["container"]["image"] == "ghcr.io/mapet-project/mapet:0.1.0", name
@@ -67,7 +70,7 @@ def test_whole_pipeline_runs_under_kfp_local(pinned_repo, tmp_path, monkeypatch)
     [run] = list(root.iterdir())
     outputs = {p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()}
     for expected in ("validate/report", "build-tokenizer/codebook", "tokenize/report", "tokenize/tokens/tokens.npy",
-                     "pretrain/backbone", "finetune/model"):
+                     "pretrain/backbone", "pretrain/model", "pictures/report", "finetune/model"):
         assert expected in outputs, sorted(outputs)
     evaluated = json.loads((run / "evaluate" / "executor_output.json").read_text())["artifacts"]
     metrics = evaluated["metrics"]["artifacts"][0]["metadata"]

@@ -29,6 +29,8 @@ TINY_PARAMS = {
     "probe": {"train_split": "train", "test_split": "test", "train_images": 0, "test_images": 0, "k": 5,
               "temperature": 0.07, "linear_iterations": 50, "linear_weight_decay": 1e-4, "batch_size": 32,
               "workers": 0, "seed": 0, "out_dir": "outputs/probe"},
+    "pictures": {"split": "test", "images": 3, "seed": 0, "codes": 4, "patches_per_code": 4, "codebook_images": 20,
+                 "context": 1, "out_dir": "outputs/pictures"},
     "finetune": {"init": "pretrained", "seed": 0, "epochs": 1, "batch_size": 16, "micro_batch_size": 16, "lr": 1e-3,
                  "workers": 1, "max_shards": 4, "checkpoint_every": 2, "out_dir": "outputs/finetune"},
     "evaluate": {"split": "test", "crop_pct": 0.875, "batch_size": 8, "workers": 0, "out_dir": "outputs/evaluate"},

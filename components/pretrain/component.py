@@ -6,14 +6,15 @@ from components import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def pretrain(data: Input[Dataset], tokens: Input[Dataset], params: Input[Artifact], backbone: Output[Model],
-             metrics: Output[Metrics], backend: str, workspace: str, run_id: str, task_name: str,
-             namespace: str = "", image: str = "", runtime: str = "torch-distributed",
+             model: Output[Model], metrics: Output[Metrics], backend: str, workspace: str, run_id: str,
+             task_name: str, namespace: str = "", image: str = "", runtime: str = "torch-distributed",
              runtime_kind: str = "ClusterTrainingRuntime", num_nodes: int = 1, proc_per_node: int = 1,
              gpus_per_node: int = 0, node_selector: dict = {}, tolerations: list = [],
              workspace_pvc: str = "mapet-workspace", timeout_minutes: int = 0):
     """`mapet pretrain` as a Kubeflow Trainer TrainJob (backend "trainjob": numNodes x numProcPerNode
     processes on the torch-distributed runtime, the workspace volume mounted) or in place under
-    torchrun (backend "local"). Re-attaches to its TrainJob when the step is retried."""
+    torchrun (backend "local"). Re-attaches to its TrainJob when the step is retried. Outputs the
+    timm backbone and the whole pre-training model (token head included, for `mapet pictures`)."""
     import shutil
     from pathlib import Path
 
@@ -31,5 +32,7 @@ def pretrain(data: Input[Dataset], tokens: Input[Dataset], params: Input[Artifac
                  "num_nodes": num_nodes, "gpus_per_node": gpus_per_node, "node_selector": dict(node_selector),
                  "tolerations": list(tolerations), "workspace_pvc": workspace_pvc, "workspace_path": workspace})
     shutil.copy(out / "backbone.safetensors", backbone.path)
+    shutil.copy(out / "model.safetensors", model.path)
     document = log_json_metrics(metrics, out / "metrics.json")
-    backbone.metadata.update({"objective": document["objective"], "steps": document["steps"], "backend": backend})
+    for artifact in (backbone, model):
+        artifact.metadata.update({"objective": document["objective"], "steps": document["steps"], "backend": backend})

@@ -241,6 +241,24 @@ def _probe(args: argparse.Namespace) -> None:
           f"on {metrics['test_images']} {settings.test_split} images; wrote {out}")
 
 
+def _pictures(args: argparse.Namespace) -> None:
+    from mapet.engine.pictures import PicturesSettings, run_pictures
+
+    params = load_params(args.params)
+    section = params.get("pictures") or {}
+    settings = build_settings("pictures", section, PicturesSettings, ignore=("out_dir",))
+    if args.images is not None:
+        settings.images = args.images
+    model = Path(args.model or Path(param(params, "pretrain.out_dir")) / "model.safetensors")
+    out = Path(args.out or section.get("out_dir", "outputs/pictures"))
+    pretrain = params.get("pretrain") or {}
+    shown = run_pictures(model, Path(args.data or param(params, "data.dir")),
+                         Path(args.tokens or param(params, "tokenize.out_dir")), out, settings,
+                         num_predict=pretrain.get("num_predict"), min_block=pretrain.get("mim_min_block", 16))
+    print(f"wrote {out}: predictions.png ({len(shown['images'])} {settings.split} images, token accuracy "
+          f"{shown['token_accuracy']:.3f}), codebook.png ({len(shown['codes'])} codes), index.html")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mapet", description="MaPeT pre-training workflow.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -316,6 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
     chosen.add_argument("--scratch", action="store_true", help="a random initialisation of params' model: the baseline")
     probe.add_argument("--data", help="dataset folder (default: data.dir)")
     probe.add_argument("--out", help="output folder (default: probe.out_dir)")
+
+    pictures = command(commands, "pictures", _pictures,
+                       "Pictures of a pre-trained model's token predictions and of the codebook's most used codes.")
+    pictures.add_argument("--model", help="pre-training model file (default: <pretrain.out_dir>/model.safetensors)")
+    pictures.add_argument("--data", help="dataset folder (default: data.dir)")
+    pictures.add_argument("--tokens", help="token folder (default: tokenize.out_dir)")
+    pictures.add_argument("--images", type=int, help="images shown with their predictions (default: pictures.images)")
+    pictures.add_argument("--out", help="output folder (default: pictures.out_dir)")
 
     export = command(commands, "export", _export,
                      "Write a pre-trained model's backbone as a timm-loadable safetensors file.")

@@ -54,8 +54,13 @@ def plot_confusion(confusion: np.ndarray, classes: list[str], path: Path, title:
                           color="white" if shares[row, column] > 0.5 else "black")
     axes.set(xlabel="predicted", ylabel="true", title=title)
     figure.tight_layout()
+    save_figure(figure, path)
+
+
+def save_figure(figure: plt.Figure, path: Path, dpi: int = 100) -> None:
+    """Write ``figure`` as PNG under a temporary name, then move it into place, and close it."""
     partial = path.with_name(path.stem + ".partial.png")
-    figure.savefig(partial, dpi=100)
+    figure.savefig(partial, dpi=dpi)
     plt.close(figure)
     os.replace(partial, path)
 
