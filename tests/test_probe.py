@@ -3,11 +3,16 @@
 import json
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 
 from mapet.cli import main
-from mapet.engine.probe import knn_top1, linear_top1
+from mapet.data.dataset import read_manifest
+from mapet.data.reader import ShardDataset
+from mapet.data.transforms import pretrain_transform
+from mapet.engine.finetune import init_head_by_probe
+from mapet.engine.probe import extract_features, fit_linear, knn_top1, linear_top1
 from test_pretrain import history, launch, finish, tokens, write_params  # noqa: F401 (fixture)
 
 CLASSES = 5
@@ -79,3 +84,18 @@ def test_monitor_does_not_change_the_training_run(tokens, tmp_path):
     without_probe = [[{k: v for k, v in record.items() if k != "knn_top1"} for record in run] for run in runs.values()]
     assert without_probe[0] == without_probe[1]
     assert json.loads((tmp_path / "monitored" / "out" / "metrics.json").read_text())["knn_top1"] == probed[-1]["knn_top1"]
+
+
+def test_probe_initialised_head_is_the_linear_probe_of_the_features_it_sees(tokens):
+    data, _ = tokens
+    shards = sorted(read_manifest(data).query("split == 'train'")["shard"].unique())[:4]
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=28, patch_size=4, depth=1, embed_dim=32, num_heads=2,
+                              num_classes=10, global_pool="avg").eval()
+    init_head_by_probe(model, data, "train", shards, 10, progress=False)
+    features, labels = extract_features(model, data, "train", 0, shards=shards, progress=False)
+    assert len(labels) == 32                                                   # 4 shards of 8
+    torch.testing.assert_close(model.head.weight, fit_linear(features["pre_logits"], labels, 10).weight.float())
+    images = torch.stack([image for image, _, _ in ShardDataset(data, "train", pretrain_transform(28), shards=shards)])
+    accuracy = (model(images).argmax(dim=1) == labels).float().mean()
+    assert accuracy > 0.5                                  # fitted: far above chance (0.1) on what it was fitted to

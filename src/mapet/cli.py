@@ -192,6 +192,8 @@ def _finetune(args: argparse.Namespace) -> None:
         config.init = "scratch"
     if config.init not in ("pretrained", "scratch"):
         raise MapetError(f"params: finetune.init must be pretrained or scratch, got {config.init!r}")
+    if config.head_init not in ("random", "probe"):
+        raise MapetError(f"params: finetune.head_init must be random or probe, got {config.head_init!r}")
     backbone = None if config.init == "scratch" else \
         Path(args.backbone or Path(param(params, "pretrain.out_dir")) / "backbone.safetensors")
     metrics = run_finetune(config, data, backbone, out, resume=args.resume)

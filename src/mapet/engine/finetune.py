@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import timm
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 
@@ -22,6 +23,7 @@ from mapet.engine.common import (fp32_state_dict, make_engine, plan_steps, resum
                                  train_steps, write_json)
 from mapet.engine.distributed import init_distributed, teardown
 from mapet.engine.optim import parameter_groups
+from mapet.engine.probe import extract_features, fit_linear
 from mapet.errors import MapetError
 from mapet.models import load_backbone, save_classifier
 
@@ -50,6 +52,7 @@ class FinetuneSettings:
     auto_augment: str = "rand-m9-mstd0.5"
     reprob: float = 0.25
     crop_scale: tuple[float, float] = (0.08, 1.0)   # RandomResizedCrop's range of areas
+    head_init: str = "random"        # random | probe: the head starts as a linear probe of the frozen features
     grad_clip: float = 0.0
     zero_stage: int = 1
     bf16: bool | None = None
@@ -71,6 +74,18 @@ def build_classifier(settings: FinetuneSettings, num_classes: int, backbone_file
     return model, kwargs, loaded
 
 
+def init_head_by_probe(model: VisionTransformer, data: Path, split: str, shards: list[str], num_classes: int,
+                       progress: bool = True) -> None:
+    """LP-FT: fit the head as a linear probe of the frozen features of the labelled images (what the
+    head sees: pooled, fc_norm), so fine-tuning starts from a fitted head and moves the backbone
+    less (Kumar et al., 2022). Deterministic, so every rank fits the same head."""
+    features, labels = extract_features(model, data, split, 0, shards=shards, progress=progress)
+    probe = fit_linear(features["pre_logits"], labels, num_classes)
+    with torch.no_grad():
+        model.head.weight.copy_(probe.weight)
+        model.head.bias.copy_(probe.bias)
+
+
 def run_finetune(settings: FinetuneSettings, data: Path, backbone_file: Path | None, out: Path,
                  resume: bool = False, progress: bool = True) -> dict[str, Any]:
     data, out = Path(data), Path(out)
@@ -85,6 +100,8 @@ def run_finetune(settings: FinetuneSettings, data: Path, backbone_file: Path | N
         steps_per_epoch, accum = plan_steps(manifest, settings, world)
         torch.manual_seed(settings.seed)
         model, kwargs, loaded = build_classifier(settings, len(classes), backbone_file)
+        if settings.head_init == "probe":
+            init_head_by_probe(model, data, settings.split, shards, len(classes), progress=progress and rank == 0)
         decay = settings.layer_decay if 0 < settings.layer_decay < 1 else None
         groups = parameter_groups(model, settings.weight_decay, settings.lr, decay, len(model.blocks))
         engine, bf16 = make_engine(settings, model, groups, steps_per_epoch, accum, device)

@@ -16,7 +16,6 @@ from). The same code runs inside pre-training as a monitor (``pretrain.probe_eve
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from tqdm import tqdm  # noqa: E402
 
 from mapet.data.reader import ShardDataset  # noqa: E402
 from mapet.data.transforms import pretrain_transform  # noqa: E402
+from mapet.engine.evaluate import save_figure  # noqa: E402
 from mapet.errors import MapetError  # noqa: E402
 
 
@@ -71,26 +71,31 @@ class FirstImages(torch.utils.data.IterableDataset):
 
 @torch.no_grad()
 def extract_features(backbone: VisionTransformer, data: Path, split: str, limit: int, batch_size: int = 256,
-                     workers: int = 0, progress: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """({"avg": (n, dim), "cls": (n, dim)} in float32, labels (n,)) of the first ``limit`` images
-    of ``split``. The backbone runs in eval mode and is left in the mode it was in."""
+                     workers: int = 0, progress: bool = True,
+                     shards: list[str] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """({"avg": (n, dim), "cls": (n, dim), "pre_logits": (n, dim)} in float32, labels (n,)) of the
+    first ``limit`` images of ``split`` (of ``shards`` only, if given). ``pre_logits`` is what the
+    ViT's own head would see (its pooling and fc_norm). The backbone runs in eval mode and is
+    left in the mode it was in."""
     image_size = backbone.patch_embed.img_size[0]
-    images = FirstImages(ShardDataset(data, split, pretrain_transform(image_size)), limit)
+    images = FirstImages(ShardDataset(data, split, pretrain_transform(image_size), shards=shards), limit)
     parameter = next(backbone.parameters())
     was_training = backbone.training
     backbone.eval()
-    avg, cls, labels = [], [], []
+    avg, cls, pre_logits, labels = [], [], [], []
     try:
         for batch, batch_labels, _ in tqdm(DataLoader(images, batch_size=batch_size, num_workers=workers),
                                            total=-(-len(images) // batch_size), desc=f"features {split}",
                                            unit="batch", disable=not progress):
-            tokens = backbone.forward_features(batch.to(parameter.device, parameter.dtype)).float()
+            tokens = backbone.forward_features(batch.to(parameter.device, parameter.dtype))
+            pre_logits.append(backbone.forward_head(tokens, pre_logits=True).float().cpu())
+            tokens = tokens.float()
             cls.append(tokens[:, 0].cpu())
             avg.append(tokens[:, backbone.num_prefix_tokens:].mean(dim=1).cpu())
             labels.append(batch_labels)
     finally:
         backbone.train(was_training)
-    return {"avg": torch.cat(avg), "cls": torch.cat(cls)}, torch.cat(labels)
+    return {"avg": torch.cat(avg), "cls": torch.cat(cls), "pre_logits": torch.cat(pre_logits)}, torch.cat(labels)
 
 
 def knn_top1(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor,
@@ -108,13 +113,11 @@ def knn_top1(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor
     return correct / len(test)
 
 
-def linear_top1(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor,
-                iterations: int = 100, weight_decay: float = 1e-4, num_classes: int | None = None) -> float:
-    """Top-1 accuracy (a fraction) of a multinomial logistic regression fitted on ``train``."""
-    num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
-    mean, std = train.mean(dim=0), train.std(dim=0).clamp(min=1e-6)
-    train, test = ((train - mean) / std).double(), ((test - mean) / std).double()
-    classifier = torch.nn.Linear(train.shape[1], num_classes, dtype=torch.float64)
+def fit_linear(features: torch.Tensor, labels: torch.Tensor, num_classes: int, iterations: int = 1000,
+               weight_decay: float = 1e-4) -> torch.nn.Linear:
+    """A multinomial logistic regression (float64) fitted by full-batch L-BFGS from zeros."""
+    features = features.double()
+    classifier = torch.nn.Linear(features.shape[1], num_classes, dtype=torch.float64)
     torch.nn.init.zeros_(classifier.weight)
     torch.nn.init.zeros_(classifier.bias)
     optimizer = torch.optim.LBFGS(classifier.parameters(), max_iter=iterations, history_size=20,
@@ -122,14 +125,23 @@ def linear_top1(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Ten
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = F.cross_entropy(classifier(train), train_labels) + weight_decay * classifier.weight.square().sum()
+        loss = F.cross_entropy(classifier(features), labels) + weight_decay * classifier.weight.square().sum()
         loss.backward()
         return loss
 
     with torch.enable_grad():
         optimizer.step(closure)
+    return classifier
+
+
+def linear_top1(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor,
+                iterations: int = 1000, weight_decay: float = 1e-4, num_classes: int | None = None) -> float:
+    """Top-1 accuracy (a fraction) of a logistic regression fitted on ``train``, standardised."""
+    num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
+    mean, std = train.mean(dim=0), train.std(dim=0).clamp(min=1e-6)
+    classifier = fit_linear((train - mean) / std, train_labels, num_classes, iterations, weight_decay)
     with torch.no_grad():
-        return float((classifier(test).argmax(dim=1) == test_labels).double().mean())
+        return float((classifier(((test - mean) / std).double()).argmax(dim=1) == test_labels).double().mean())
 
 
 def knn_monitor(backbone: VisionTransformer, data: Path, settings: ProbeSettings) -> float:
@@ -182,7 +194,4 @@ def plot_probe(metrics: dict[str, Any], path: Path) -> None:
              title=f"frozen features of {Path(metrics['backbone']).name}")
     axes.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
-    partial = path.with_name(path.stem + ".partial.png")
-    figure.savefig(partial, dpi=100)
-    plt.close(figure)
-    os.replace(partial, path)
+    save_figure(figure, path)
