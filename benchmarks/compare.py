@@ -71,14 +71,13 @@ def record(objective: str, init: str, seed: int, metrics: dict[str, dict]) -> di
 
 
 def table(records: list[dict]) -> str:
-    """Markdown: mean +- std (sample, over seeds) per arm, then every run."""
+    """Markdown: mean +- std (sample, over seeds) per arm, then every run; an arm of one run has no spread."""
     columns = ("top1", "top5", "knn_top1", "linear_top1", "loss")
 
     def spread(values: list[float]) -> str:
-        if not values:
-            return ""
-        deviation = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):.4f} +- {deviation:.4f}"
+        if len(values) < 2:
+            return f"{values[0]:.4f} (one run)" if values else ""
+        return f"{statistics.mean(values):.4f} +- {statistics.stdev(values):.4f}"
 
     lines = ["| arm | runs | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for arm in dict.fromkeys((r["objective"], r["init"]) for r in records):

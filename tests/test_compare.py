@@ -18,7 +18,7 @@ def test_table_gives_mean_and_sample_spread_per_arm_then_every_run():
     lines = table(records).splitlines()
     assert lines[2] == "| mapet | 2 | 0.7200 +- 0.0283 | 0.9000 +- 0.0000 | 0.5000 +- 0.0000 | 0.6000 +- 0.0000 | " \
                        "2.0000 +- 0.0000 |"
-    assert lines[3].startswith("| scratch | 1 | 0.6000 +- 0.0000 |") and lines[3].endswith("|  |")
+    assert lines[3].startswith("| scratch | 1 | 0.6000 (one run) |") and lines[3].endswith("|  |")
     assert lines[-1] == "| none | scratch | 0 | 0.6000 | 0.8000 | 0.4000 | 0.5000 |  |"
 
 
