@@ -32,6 +32,7 @@ from mapet.masking import default_num_predict, sample_orders
 from mapet.models import create_pretrain_model
 
 VOCAB = 8192
+MODELS = ("vit", "mapet", "plm", "mim", "token_head")
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core peaks
 
 
@@ -44,9 +45,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per model")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model (compilation included)")
     parser.add_argument("--compile", action="store_true", help="also time each model under torch.compile")
-    parser.add_argument("--models", default="vit,mapet,plm,mim,token_head",
+    parser.add_argument("--models", default=",".join(MODELS),
                         help="comma-separated subset to time (default: %(default)s; vit is always timed)")
     args = parser.parse_args()
+    unknown = set(args.models.split(",")) - set(MODELS)
+    if unknown:
+        parser.error(f"--models: unknown {', '.join(sorted(unknown))} (known: {', '.join(MODELS)})")
     cuda = args.device == "cuda"
     args.backbone = args.backbone or ("vit_base_patch16_224" if cuda else "vit_tiny_patch16_224")
     args.batch = args.batch or (128 if cuda else 16)
