@@ -148,10 +148,11 @@ def resume_state(engine, folder: Path) -> dict[str, Any] | None:
 def train_steps(engine, dataset, settings, *, world: int, rank: int, accum: int, steps_per_epoch: int, step: int,
                 history: list[dict], checkpoints: Path, micro_step: Callable[[tuple, int], torch.Tensor],
                 record_of: Callable[[torch.Tensor], dict], desc: str, progress: bool = True,
-                after_step: Callable[[int], dict] = lambda step: {}) -> dict:
+                after_step: Callable[[int], dict] = lambda step: {}, collate: Callable | None = None) -> dict:
     """Optimizer steps from ``step`` to the end of the last epoch; returns images/s after the first
-    step (which includes compilation) and the graphs torch.compile made after it (0 unless it
-    recompiled).
+    step (which includes compilation), not counting the time in ``after_step``, and the graphs
+    torch.compile made after it (0 unless it recompiled). ``collate``: the DataLoader's (None: its
+    default).
 
     ``micro_step(batch, seed)`` runs forward, backward and ``engine.step()`` on one micro-batch
     and returns a tensor of sums; they are added over the step's micro-batches and all ranks,
@@ -166,7 +167,7 @@ def train_steps(engine, dataset, settings, *, world: int, rank: int, accum: int,
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         dataset.set_epoch(epoch)
         loader = DataLoader(dataset, batch_size=settings.micro_batch_size, num_workers=settings.workers,
-                            pin_memory=engine.device.type == "cuda")
+                            pin_memory=engine.device.type == "cuda", collate_fn=collate)
         micro_batches = islice(iter(loader), done_in_epoch * accum, steps_per_epoch * accum)
         for _ in range(done_in_epoch, steps_per_epoch):
             sums = sum(micro_step(next(micro_batches), micro_batch_seed(settings.seed, step, micro, accum, world, rank))
@@ -177,8 +178,11 @@ def train_steps(engine, dataset, settings, *, world: int, rank: int, accum: int,
                 started, graphs = time.perf_counter(), compiled_graphs()
             else:
                 images += settings.batch_size
-            record = {"step": step, "epoch": epoch, **record_of(sums), "lr": max(engine.lr_scheduler.get_last_lr()),
-                      **after_step(step)}
+            record = {"step": step, "epoch": epoch, **record_of(sums), "lr": max(engine.lr_scheduler.get_last_lr())}
+            monitor_started = time.perf_counter()
+            record.update(after_step(step))
+            if step > first_step:
+                started += time.perf_counter() - monitor_started
             history.append(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",

@@ -22,13 +22,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from mapet.data.dataset import read_manifest
-from mapet.data.reader import ShardDataset
-from mapet.data.transforms import normalize_batch, pretrain_transform
+from mapet.data.reader import ShardDataset, collate_encoded
+from mapet.data.transforms import decode_center_square, normalize_batch, pretrain_transform
 from mapet.engine.common import (fp32_state_dict, make_engine, plan_steps, resume_state, select_shards,
                                  train_steps, write_json)
 from mapet.engine.distributed import init_distributed, teardown
 from mapet.engine.optim import parameter_groups
 from mapet.engine.probe import ProbeSettings, knn_monitor
+from mapet.errors import MapetError
 from mapet.masking import default_num_predict, sample_orders
 from mapet.models import create_pretrain_model, save_backbone, save_pretrain_model
 from mapet.tokenizers.tokens import load_tokens
@@ -56,6 +57,7 @@ class PretrainSettings:
     bf16: bool | None = None         # None: on GPUs only
     compile: bool | str = "auto"     # torch.compile; auto: on GPUs only
     color_jitter: float = 0.0
+    decode: str = "cpu"              # cpu: the loader workers decode; gpu: they read, nvJPEG decodes (JPEG only)
     seed: int = 42
     workers: int = 1
     split: str = "train"
@@ -72,6 +74,8 @@ def run_pretrain(settings: PretrainSettings, data: Path, tokens_dir: Path, out: 
     """``probe``: the k-NN settings of the monitor (``settings.probe_every``); its subset sizes
     come from ``settings``."""
     data, tokens_dir, out = Path(data), Path(tokens_dir), Path(out)
+    if settings.decode not in ("cpu", "gpu"):
+        raise MapetError(f"params: pretrain.decode must be cpu or gpu, got {settings.decode!r}")
     image_size, patch = settings.model_kwargs["img_size"], settings.model_kwargs["patch_size"]
     grid = (image_size // patch, image_size // patch)
     tokens, token_info = load_tokens(tokens_dir, data, expected_grid=grid)      # refuse before any set-up
@@ -98,8 +102,12 @@ def run_pretrain(settings: PretrainSettings, data: Path, tokens_dir: Path, out: 
                   f"{token_info['manifest_sha256'][:12]}; {world} rank(s) x {max(1, settings.workers)} reader(s), "
                   f"{steps_per_epoch} steps/epoch, {'resuming at step ' + str(step) if step else 'starting at step 0'}")
 
+        on_gpu = settings.decode == "gpu"
         dataset = ShardDataset(data, settings.split, pretrain_transform(image_size, settings.color_jitter, normalize=False),
-                               shuffle=True, seed=settings.seed, rank=rank, world_size=world, shards=shards)
+                               shuffle=True, seed=settings.seed, rank=rank, world_size=world, shards=shards,
+                               decode=not on_gpu)
+        if on_gpu:
+            dataset.require_jpeg()
 
         def micro_step(batch: tuple, seed: int) -> torch.Tensor:
             images, _, keys = batch
@@ -107,6 +115,9 @@ def run_pretrain(settings: PretrainSettings, data: Path, tokens_dir: Path, out: 
                                   torch.Generator().manual_seed(seed), min_block=settings.mim_min_block)
             targets = torch.from_numpy(tokens[[row_of[k] for k in keys]].astype(np.int64))
             targets = targets.gather(1, order[:, model.num_patches - num_predict:]).to(device)
+            if on_gpu:
+                images = decode_center_square(images, image_size, device, settings.color_jitter,
+                                              torch.Generator().manual_seed(seed + 2))
             torch.manual_seed(seed + 1)                                             # dropout and drop path
             images = normalize_batch(images.to(device, non_blocking=True), torch.bfloat16 if bf16 else torch.float32)
             logits = engine(images, order.to(device), num_predict)
@@ -137,7 +148,8 @@ def run_pretrain(settings: PretrainSettings, data: Path, tokens_dir: Path, out: 
         speed = train_steps(engine, dataset, settings, world=world, rank=rank, accum=accum,
                                    steps_per_epoch=steps_per_epoch, step=step, history=history,
                                    checkpoints=checkpoints, micro_step=micro_step, record_of=record_of,
-                                   desc=f"pretrain {settings.objective}", progress=progress, after_step=after_step)
+                                   desc=f"pretrain {settings.objective}", progress=progress, after_step=after_step,
+                                   collate=collate_encoded if on_gpu else None)
         metrics = {"objective": settings.objective, "steps": len(history), "loss": history[-1]["loss"],
                    "token_accuracy": history[-1]["token_accuracy"], **speed}
         if history[-1].get("knn_top1") is not None:
