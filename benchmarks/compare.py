@@ -4,6 +4,7 @@
     python benchmarks/compare.py --seeds 0 1 2 --objectives mapet plm mim
     python benchmarks/compare.py --out reports/compare-gpu --set pretrain.max_shards=0 --set pretrain.epochs=10
     python benchmarks/compare.py --report-only          # rebuild the tables from the experiments DVC holds
+    python benchmarks/compare.py --direct /tmp/cmp --data D --tokens T --jobs 4   # no DVC: where it is not installed
 
 Every arm gets the same data, tokens, budget and fine-tuning recipe (the workspace's params.yaml
 plus --set); only the objective, or the initialisation (scratch: no pre-training, the baseline),
@@ -13,6 +14,11 @@ the scratch run of seed S is compared with the pre-trained runs of seed S. Each 
 stages an arm shares with another, such as the tokens). The tables are written to
 OUT/results.json (one record per run: objective, init, seed, top1, top5, knn_top1, linear_top1,
 loss) and OUT/results.md (mean +- std per arm, then every run).
+
+``--direct WORK`` runs the same arms without DVC (a GPU machine that has the mapet package but not
+DVC): each run's `mapet` commands, as dvc.yaml's stages call them, in WORK/<name> on the dataset
+and tokens given, ``--jobs`` runs at a time, seed by seed; the tables are rewritten as each run
+ends, so a run cut short keeps what finished.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 OBJECTIVES = ("mapet", "plm", "mim")
@@ -38,14 +46,47 @@ def experiment_name(objective: str, init: str, seed: int) -> str:
     return f"cmp-{objective if init == 'pretrained' else 'scratch'}-s{seed}"
 
 
+def arm_settings(objective: str, init: str, seed: int, overrides: list[str]) -> list[str]:
+    return [f"pretrain.objective={objective if init == 'pretrained' else 'mapet'}", f"finetune.init={init}",
+            f"pretrain.seed={seed}", f"finetune.seed={seed}", f"probe.seed={seed}", *overrides]
+
+
 def run_arm(objective: str, init: str, seed: int, overrides: list[str]) -> int:
     """Runs one arm as a DVC experiment; returns dvc's exit status."""
-    settings = [f"pretrain.objective={objective if init == 'pretrained' else 'mapet'}", f"finetune.init={init}",
-                f"pretrain.seed={seed}", f"finetune.seed={seed}", f"probe.seed={seed}", *overrides]
+    settings = arm_settings(objective, init, seed, overrides)
     command = ["dvc", "exp", "run", "--temp", "-n", experiment_name(objective, init, seed)]
     command += [part for setting in settings for part in ("-S", setting)]
     print("+ " + " ".join(command), flush=True)
     return subprocess.run(command).returncode
+
+
+def run_direct(objective: str, init: str, seed: int, overrides: list[str], work: Path, data: Path,
+               tokens: Path) -> dict[str, dict]:
+    """Runs one arm's stages with `mapet` in WORK/<name> (outputs/ laid out as the workspace's);
+    returns its metrics by workspace path, as :func:`experiment_metrics` does."""
+    folder = work / experiment_name(objective, init, seed)
+    (folder / "outputs").mkdir(parents=True, exist_ok=True)
+    probe = PROBE[init].removesuffix("/metrics.json")
+    out_dirs = [f"{stage}.out_dir={folder / 'outputs' / stage}" for stage in ("pretrain", "finetune", "evaluate")]
+    settings = arm_settings(objective, init, seed, overrides) + out_dirs + [f"probe.out_dir={folder / probe}"]
+    mapet = [sys.executable, "-m", "mapet"]
+    with_params = ["--params", str(folder / "params.yaml"), "--data", str(data)]
+    scratch = [] if init == "pretrained" else ["--scratch"]
+    commands = [[*mapet, "params", *(part for setting in settings for part in ("--set", setting)),
+                 "--out", str(folder / "params.yaml")]]
+    if init == "pretrained":
+        commands.append([*mapet, "pretrain", *with_params, "--tokens", str(tokens)])
+    commands += [[*mapet, "probe", *with_params, *scratch], [*mapet, "finetune", *with_params, *scratch],
+                 [*mapet, "evaluate", *with_params]]
+    with open(folder / "log.txt", "w") as log:
+        for command in commands:
+            log.write("+ " + " ".join(command) + "\n")
+            log.flush()
+            if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode:
+                raise RuntimeError(f"{' '.join(command[2:4])} failed: see {folder / 'log.txt'}")
+    paths = ["outputs/evaluate/metrics.json", PROBE[init]] + (["outputs/pretrain/metrics.json"] if init == "pretrained"
+                                                               else [])
+    return {path: json.loads((folder / path).read_text()) for path in paths}
 
 
 def experiment_metrics() -> dict[str, dict]:
@@ -106,9 +147,15 @@ def main() -> int:
                         help="a parameter override for every run (the budget), as `dvc exp run -S`")
     parser.add_argument("--out", type=Path, default=Path("reports/compare"))
     parser.add_argument("--report-only", action="store_true", help="write the tables from existing experiments")
+    parser.add_argument("--direct", type=Path, metavar="WORK", help="run the stages without DVC, in WORK/<name>")
+    parser.add_argument("--data", type=Path, help="--direct: the dataset folder")
+    parser.add_argument("--tokens", type=Path, help="--direct: its token folder")
+    parser.add_argument("--jobs", type=int, default=1, help="--direct: runs at a time")
     args = parser.parse_args()
 
     runs = [(objective, init, seed) for seed in args.seeds for objective, init in arms(args.objectives)]
+    if args.direct:
+        return compare_direct(runs, args)
     if not args.report_only:
         for objective, init, seed in runs:
             status = run_arm(objective, init, seed, args.set)
@@ -123,17 +170,44 @@ def main() -> int:
         print(f"compare: error: no DVC experiment named {', '.join(missing)} (run without --report-only)",
               file=sys.stderr)
         return 2
-    records = [record(*run, found[experiment_name(*run)]) for run in runs]
+    write_tables([record(*run, found[experiment_name(*run)]) for run in runs], args)
+    return 0
+
+
+def compare_direct(runs: list[tuple[str, str, int]], args: argparse.Namespace) -> int:
+    if not (args.data and args.tokens):
+        print("compare: error: --direct needs --data and --tokens (the dataset folder and its token folder)",
+              file=sys.stderr)
+        return 2
+    records, failed, lock = [], [], threading.Lock()
+
+    def one(run: tuple[str, str, int]) -> None:
+        try:
+            metrics = run_direct(*run, args.set, args.direct, args.data, args.tokens)
+        except RuntimeError as error:
+            print(f"compare: error: {experiment_name(*run)}: {error}", file=sys.stderr, flush=True)
+            failed.append(run)
+            return
+        with lock:
+            records.append(record(*run, metrics))
+            write_tables(list(records), args)
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(one, runs))
+    return 2 if failed else 0
+
+
+def write_tables(records: list[dict], args: argparse.Namespace) -> None:
     records.sort(key=lambda r: ([*args.objectives, "none"].index(r["objective"]), r["seed"]))
+    seeds = sorted({r["seed"] for r in records})
     args.out.mkdir(parents=True, exist_ok=True)
     write_atomically(args.out / "results.json", json.dumps(records, indent=2) + "\n")
     overrides = ", ".join(f"`{setting}`" for setting in args.set) or "none"
-    write_atomically(args.out / "results.md", f"# Objectives compared\n\nSeeds {', '.join(map(str, args.seeds))}; "
+    write_atomically(args.out / "results.md", f"# Objectives compared\n\nSeeds {', '.join(map(str, seeds))}; "
                      f"overrides of params.yaml: {overrides}. Top-1/top-5: the fine-tuned classifier on the test "
                      f"split; k-NN and linear: the frozen backbone (`mapet probe`, average-pooled patches); loss: "
                      f"pre-training's last step.\n\n" + table(records))
-    print(f"wrote {args.out / 'results.json'} and {args.out / 'results.md'} ({len(records)} runs)")
-    return 0
+    print(f"wrote {args.out / 'results.json'} and {args.out / 'results.md'} ({len(records)} runs)", flush=True)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from benchmarks.compare import table
+from test_pretrain import tokens  # noqa: F401 (fixture)
 from tests.tiny_repo import ROOT, make_pinned_repo, sh
 
 
@@ -40,3 +41,21 @@ def test_compare_runs_each_arm_as_an_experiment_and_writes_the_tables(tmp_path):
               for entry in shown for e in entry.get("experiments") or [] if e.get("name")}
     assert params["cmp-scratch-s3"]["finetune"]["init"] == "scratch" and params["cmp-plm-s3"]["pretrain"]["seed"] == 3
     assert "| plm | 1 |" in (repo / "reports" / "compare" / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_compare_direct_runs_the_stages_without_dvc(tokens, tmp_path):
+    data, token_dir = tokens
+    tiny = ["model.depth=1", "model.embed_dim=32", "model.num_heads=2", "pretrain.probe_every=0", "finetune.epochs=1",
+            "pretrain.batch_size=16", "pretrain.micro_batch_size=16", "finetune.batch_size=16", "finetune.micro_batch_size=16",
+            "probe.linear_iterations=20"]
+    sh(sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--direct", str(tmp_path / "work"), "--data", str(data),
+       "--tokens", str(token_dir), "--jobs", "2", "--seeds", "5", "--objectives", "mim", "--out", str(tmp_path / "out"),
+       *(part for setting in tiny for part in ("--set", setting)), cwd=ROOT)
+    records = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [(r["objective"], r["init"], r["seed"]) for r in records] == [("mim", "pretrained", 5), ("none", "scratch", 5)]
+    assert records[0]["loss"] > 0 and records[1]["loss"] is None and all(0 <= r["top1"] <= 1 for r in records)
+    params = (tmp_path / "work" / "cmp-mim-s5" / "params.yaml").read_text()
+    assert "objective: mim" in params and "embed_dim: 32" in params
+    assert not (tmp_path / "work" / "cmp-scratch-s5" / "outputs" / "pretrain").exists()    # scratch: no pre-training
+    assert "| mim | 1 |" in (tmp_path / "out" / "results.md").read_text()
