@@ -9,7 +9,10 @@ Prints one JSON line. Steps of all models are interleaved and the median is repo
 noisy machine slows all of them alike; the ratios are what to compare across machines. With
 --compile every model also runs compiled (``vit+compile``, ...; the module compiled in place, as
 ``pretrain.compile`` does, the loss outside it as in the training loop). ``token_head`` is the
-8192-way head and its cross-entropy alone, on the MaPeT step's B x 147 rows, to show its share.
+8192-way head and its cross-entropy alone, on the MaPeT step's B x 147 rows, to show its share;
+``token_head_chunked`` is the same loss computed a few thousand rows at a time, with the
+gradients taken in the forward pass, so that no (rows x 8192) fp32 logits or gradients are ever
+held whole (the fused linear cross-entropy of Liger and others), to see whether that wins.
 """
 
 from __future__ import annotations
@@ -32,8 +35,42 @@ from mapet.masking import default_num_predict, sample_orders
 from mapet.models import create_pretrain_model
 
 VOCAB = 8192
-MODELS = ("vit", "mapet", "plm", "mim", "token_head")
+MODELS = ("vit", "mapet", "plm", "mim", "token_head", "token_head_chunked")
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core peaks
+
+
+class ChunkedTokenLoss(torch.autograd.Function):
+    """Summed cross-entropy of ``features @ weight.T + bias`` against ``targets``, ``chunk`` rows
+    at a time: each chunk's logits live only while its gradients are taken."""
+
+    @staticmethod
+    def forward(ctx, features, weight, bias, targets, chunk: int):
+        device = features.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else features.dtype
+        features_, weight_, bias_ = features.to(dtype), weight.to(dtype), bias.to(dtype)
+        grad_features = torch.empty_like(features_)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+        loss = torch.zeros((), dtype=torch.float32, device=features.device)
+        with torch.autocast(device, enabled=False):
+            for start in range(0, len(features_), chunk):
+                rows, wanted = features_[start:start + chunk], targets[start:start + chunk]
+                logits = F.linear(rows, weight_, bias_).float()
+                log_norm = logits.logsumexp(-1)
+                loss += (log_norm - logits.gather(1, wanted[:, None])[:, 0]).sum()
+                grad = logits.sub_(log_norm[:, None]).exp_()                              # softmax
+                grad[torch.arange(len(wanted), device=grad.device), wanted] -= 1
+                grad_bias += grad.sum(0)
+                grad = grad.to(dtype)
+                grad_features[start:start + chunk] = grad @ weight_
+                grad_weight += (grad.t() @ rows).float()
+        ctx.save_for_backward(grad_features, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_features, grad_weight, grad_bias = ctx.saved_tensors
+        return grad_features * grad_loss, grad_weight * grad_loss, grad_bias * grad_loss, None, None
 
 
 def parse_args() -> argparse.Namespace:
@@ -84,6 +121,9 @@ def build_steps(args: argparse.Namespace, device: torch.device) -> dict:
     features = torch.randn(rows, models["vit"].embed_dim, generator=generator).to(device).requires_grad_()
     head_targets = torch.randint(VOCAB, (rows,), generator=generator).to(device)
     losses["token_head"] = lambda head: F.cross_entropy(head(features).float(), head_targets)
+    models["token_head_chunked"] = torch.nn.Linear(models["vit"].embed_dim, VOCAB)
+    losses["token_head_chunked"] = lambda head: ChunkedTokenLoss.apply(features, head.weight, head.bias, head_targets,
+                                                                       4096) / rows
 
     steps = {}
     chosen = {"vit", *args.models.split(",")}
