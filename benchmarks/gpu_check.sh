@@ -1,25 +1,38 @@
 #!/usr/bin/env bash
-# The GPU checks of the open issues, as one script for a machine with one NVIDIA GPU, the most
-# important first. Each result lands in $OUT (default /tmp/gpu_check) as soon as it exists, and a
-# check that fails or runs out of time does not stop the next (the lease is short). Numbers go to
-# BENCHMARKS.md with the card's name.
-#   1. pretrain_step.json: benchmarks/pretrain_step.py --compile, ViT-B/16 at 224, batch 128, bf16:
-#      ViT, MaPeT, PLM, MIM and the token head alone, eager and compiled, interleaved;
-#   2. pretrain_loop.json: `mapet pretrain` (compile auto = on, DeepSpeed ZeRO-1, bf16, torchrun,
-#      NCCL) with the paper preset's model at batch 128 on ImageNet-like JPEG shards made here, so
-#      the rate includes the loader, the sampler and DeepSpeed;
-#   3. loader.json: the 224-px input path's images/s per CPU core on this machine, and the loader
-#      cores one GPU needs at the rate of 2.
+# The GPU checks of the open issues, as one script for a machine with one NVIDIA GPU. It runs the
+# checks named on its command line in that order (default: all, the most important first). Each
+# result lands in $OUT (default /tmp/gpu_check) as soon as it exists, and a check that fails or
+# runs out of time does not stop the next (the lease is short). Numbers go to BENCHMARKS.md with
+# the card's name.
+#   step:    pretrain_step.json: benchmarks/pretrain_step.py --compile, ViT-B/16 at 224, batch 128,
+#            bf16: ViT, MaPeT, PLM, MIM and the token head alone, eager and compiled, interleaved
+#            (STEP_MODELS limits it to some models);
+#   head:    token_head.json: the token head and its cross-entropy, whole and chunked, beside the
+#            eager MaPeT step;
+#   loop:    pretrain_loop_<decode>.json: `mapet pretrain` (compile auto = on, DeepSpeed ZeRO-1,
+#            bf16, torchrun, NCCL) with the paper preset's model at batch 128, one epoch over
+#            ImageNet-like JPEG shards made here, decoded by the loader workers (cpu, 12 of them) and
+#            by nvJPEG (gpu, 4 workers reading); the rate includes the loader, the sampler and DeepSpeed;
+#   profile: profile_<decode>.json: benchmarks/profile_loop.py on the loop's runs: wall time per
+#            step, the GPU's busy share, the host operators and kernels that take the most time;
+#   loader:  loader.json: the 224-px input path's images/s per CPU core on this machine, and the
+#            loader cores one GPU needs at the rate of the loop;
+#   compare: compare/results.{json,md}: benchmarks/compare.py --direct on the whole Fashion-MNIST
+#            (60,000 training images), 3 epochs of pre-training and 3 of fine-tuning, mapet, plm,
+#            mim and scratch x seeds 0 1 2, 8 runs at a time. The source files come from
+#            FASHION_MNIST (default .gpu/fashion-mnist) and the tokens, made on a CPU machine by
+#            `mapet tokenize` from the same import, from FM_TOKENS (default .gpu/fm-tokens).
 # Where DeepSpeed is not installed, the wheels in .whl/ go to /tmp/site first: deepspeed (built here
-# with `pip wheel --no-deps deepspeed==0.19.8`), timm, faiss-cpu, hjson and pydantic with its
-# dependencies, at the versions of requirements.lock. STEP_MODELS limits check 1 to some models.
+# with `pip wheel --no-deps deepspeed==0.19.8`), timm, hjson and pydantic with its dependencies, at
+# the versions of requirements.lock (faiss-cpu too where a check builds a codebook: none does).
 #
-#   bash benchmarks/gpu_check.sh
-#   STEP_MODELS=vit,mapet,plm bash benchmarks/gpu_check.sh
+#   bash benchmarks/gpu_check.sh                      # every check
+#   bash benchmarks/gpu_check.sh head loop compare    # these, in this order
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 WORK=$(mktemp -d)
 LOG=$OUT/log.txt
+CHECKS=${*:-step head loop profile loader compare}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=src:benchmarks${PYTHONPATH:+:$PYTHONPATH}
 if [ -d .whl ] && ! python3 -c "import deepspeed" 2>/dev/null; then
@@ -36,29 +49,76 @@ check() {
   local name=$1 limit=$2 started=$SECONDS
   shift 2
   echo "== $name: $*" | tee -a "$LOG"
-  timeout "$limit" "$@" 2>&1 | tr '\r' '\n' | grep --line-buffered -v "[0-9]s/step\|step/s\|it/s\]\|s/it\]\|batch/s" | tee -a "$LOG"
+  timeout "$limit" "$@" 2>&1 | tr '\r' '\n' | grep --line-buffered -v "[0-9]s/step\|step/s\|it/s\]\|s/it\]\|batch/s\|img/s\]" | tee -a "$LOG"
   echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - started)) s" | tee -a "$LOG"
 }
+wants() { [[ " $CHECKS " == *" $1 "* ]]; }
 
-# The dataset of check 2 is made on the CPUs while check 1 runs on the GPU.
-python3 benchmarks/imagenet_like.py --out "$WORK/imagenet" --images 7680 --workers 8 > "$WORK/imagenet.log" 2>&1 &
-maker=$!
+# The datasets are made on the CPUs while the first GPU checks run.
+if wants loop || wants profile || wants loader; then
+  python3 benchmarks/imagenet_like.py --out "$WORK/imagenet" --images ${IMAGES:-10240} --workers 8 > "$WORK/imagenet.log" 2>&1 &
+  imagenet_maker=$!
+fi
+if wants compare; then
+  python3 -m mapet params --set 'data.max_per_split={}' --out "$WORK/fm-params.yaml" > /dev/null
+  python3 -m mapet data import --params "$WORK/fm-params.yaml" --source "${FASHION_MNIST:-.gpu/fashion-mnist}" \
+    --out "$WORK/fm" --workers 4 > "$WORK/fm.log" 2>&1 &
+  fashion_maker=$!
+fi
 
-check pretrain_step 300 sh -c "python3 benchmarks/pretrain_step.py --device cuda --compile --steps 15 --warmup 3 \
-  --models ${STEP_MODELS:-vit,mapet,plm,mim,token_head} > '$OUT/pretrain_step.json'"
-cat "$OUT/pretrain_step.json" >> "$LOG"
+if wants step; then
+  check pretrain_step 300 sh -c "python3 benchmarks/pretrain_step.py --device cuda --compile --steps 15 --warmup 3 \
+    --models ${STEP_MODELS:-vit,mapet,plm,mim,token_head} > '$OUT/pretrain_step.json'"
+  cat "$OUT/pretrain_step.json" >> "$LOG"
+fi
 
-wait $maker; cat "$WORK/imagenet.log" | tee -a "$LOG"
-python3 -m mapet params --set preset=paper --set presets.paper.pretrain.epochs=2 \
-  --set presets.paper.pretrain.batch_size=128 --set presets.paper.pretrain.micro_batch_size=128 \
-  --set presets.paper.pretrain.warmup_epochs=0.5 --set presets.paper.pretrain.workers=12 \
-  --set presets.paper.pretrain.checkpoint_every=100000 --out "$WORK/params.yaml" | tee -a "$LOG"
-check pretrain_loop 170 torchrun --standalone --nproc_per_node 1 -m mapet pretrain --params "$WORK/params.yaml" \
-  --data "$WORK/imagenet/data" --tokens "$WORK/imagenet/tokens" --out "$WORK/pretrain"
-cp "$WORK/pretrain/metrics.json" "$OUT/pretrain_loop.json" && cat "$OUT/pretrain_loop.json" >> "$LOG"
+if wants head; then
+  check token_head 120 sh -c "python3 benchmarks/pretrain_step.py --device cuda --steps 20 --warmup 3 \
+    --models mapet,token_head,token_head_chunked > '$OUT/token_head.json'"
+  cat "$OUT/token_head.json" >> "$LOG"
+fi
 
-target=$(python3 -c "import json; print(json.load(open('$OUT/pretrain_loop.json'))['images_per_s'])" 2>/dev/null \
-  || python3 -c "import json; print(json.load(open('$OUT/pretrain_step.json'))['images_per_s']['mapet+compile'])")
-check loader 60 sh -c "python3 benchmarks/loader_throughput.py --data '$WORK/imagenet/data' --workers 12 \
-  --target $target > '$OUT/loader.json'"
-cat "$OUT/loader.json" >> "$LOG"
+if wants loop || wants profile || wants loader; then
+  wait $imagenet_maker; tr '\r' '\n' < "$WORK/imagenet.log" | grep -v "img/s\]" | tee -a "$LOG"
+fi
+for decode in gpu cpu; do
+  wants loop || wants profile || break
+  workers=$([ $decode = gpu ] && echo 4 || echo 12)
+  python3 -m mapet params --set preset=paper --set presets.paper.pretrain.epochs=1 \
+    --set presets.paper.pretrain.batch_size=128 --set presets.paper.pretrain.micro_batch_size=128 \
+    --set presets.paper.pretrain.warmup_epochs=0.5 --set presets.paper.pretrain.workers=$workers \
+    --set pretrain.probe_every=0 --set pretrain.decode=$decode \
+    --set presets.paper.pretrain.checkpoint_every=100000 --out "$WORK/params-$decode.yaml" | tee -a "$LOG"
+  if wants loop; then
+    check "pretrain_loop decode=$decode" 140 torchrun --standalone --nproc_per_node 1 -m mapet pretrain \
+      --params "$WORK/params-$decode.yaml" --data "$WORK/imagenet/data" --tokens "$WORK/imagenet/tokens" \
+      --out "$WORK/pretrain-$decode"
+    cp "$WORK/pretrain-$decode/metrics.json" "$OUT/pretrain_loop_$decode.json" && cat "$OUT/pretrain_loop_$decode.json" >> "$LOG"
+  fi
+  if wants profile; then
+    check "profile decode=$decode" 120 sh -c "python3 benchmarks/profile_loop.py --wait 12 --active 6 -- \
+      --params '$WORK/params-$decode.yaml' --data '$WORK/imagenet/data' --tokens '$WORK/imagenet/tokens' \
+      --out '$WORK/profile-$decode' > '$OUT/profile_$decode.json'"
+    head -c 600 "$OUT/profile_$decode.json" >> "$LOG"
+  fi
+done
+
+if wants loader; then
+  target=$(python3 -c "import json; print(json.load(open('$OUT/pretrain_loop_cpu.json'))['images_per_s'])" 2>/dev/null \
+    || echo 1400)
+  check loader 60 sh -c "python3 benchmarks/loader_throughput.py --data '$WORK/imagenet/data' --workers 12 \
+    --target $target > '$OUT/loader.json'"
+  cat "$OUT/loader.json" >> "$LOG"
+fi
+
+if wants compare; then
+  wait $fashion_maker; tr '\r' '\n' < "$WORK/fm.log" | grep -v "img/s\]" | tee -a "$LOG"
+  mkdir -p "$OUT/compare"
+  check compare "${COMPARE_SECONDS:-330}" python3 benchmarks/compare.py --direct "$WORK/compare" --data "$WORK/fm" \
+    --tokens "${FM_TOKENS:-.gpu/fm-tokens}" --jobs 8 --out "$OUT/compare" \
+    --set pretrain.max_shards=0 --set pretrain.epochs=3 --set finetune.max_shards=0 --set finetune.epochs=3 \
+    --set pretrain.compile=false --set finetune.compile=false
+  for log in "$WORK"/compare/*/log.txt; do
+    tr '\r' '\n' < "$log" | grep -v "it/s\]\|s/it\]\|img/s\]\|step/s\]\|s/step\]" | tail -5 > "$OUT/compare/$(basename "$(dirname "$log")").log"
+  done
+fi
