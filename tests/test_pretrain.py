@@ -196,3 +196,13 @@ def test_finetune_then_evaluate_end_to_end(tokens, tmp_path):
     assert metrics["images"] == len(rows) == 16
     assert metrics["top1"] == round(sum(r.split(",")[1] == r.split(",")[2] for r in rows) / 16, 5)
     assert (tmp_path / "ev" / "confusion_matrix.png").stat().st_size > 1000
+
+
+def test_a_non_finite_loss_stops_the_run_with_a_message(tokens, tmp_path):
+    data, token_dir = tokens
+    params = write_params(tmp_path, data, token_dir, lr=1e30, warmup_lr=1e30, warmup_epochs=0, workers=1)
+    process = launch(params)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode != 0
+    assert "pretrain mapet: the loss is nan at step" in output and "--resume" in output
+    assert not (tmp_path / "out" / "model.safetensors").exists()
