@@ -65,7 +65,8 @@ def main() -> None:
     window = step_ends[first - 1:first + args.active]
     wall = (window[-1] - window[0]) / (len(window) - 1)
     events = profiler.key_averages()
-    on_device = [event for event in events if event.device_type == DeviceType.CUDA]
+    on_device = [event for event in events            # kernels and copies; ProfilerStep* is their total
+                 if event.device_type == DeviceType.CUDA and not event.key.startswith("ProfilerStep")]
     on_host = [event for event in events if event.device_type == DeviceType.CPU]
     kernels = sum(event.self_device_time_total for event in on_device) / 1e6 / args.active
     print(json.dumps({
