@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -82,8 +83,10 @@ def run_direct(objective: str, init: str, seed: int, overrides: list[str], work:
         for command in commands:
             log.write("+ " + " ".join(command) + "\n")
             log.flush()
+            started = time.perf_counter()
             if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode:
                 raise RuntimeError(f"{' '.join(command[2:4])} failed: see {folder / 'log.txt'}")
+            print(f"{folder.name}: {' '.join(command[2:4])} took {time.perf_counter() - started:.0f} s", flush=True)
     paths = ["outputs/evaluate/metrics.json", PROBE[init]] + (["outputs/pretrain/metrics.json"] if init == "pretrained"
                                                                else [])
     return {path: json.loads((folder / path).read_text()) for path in paths}

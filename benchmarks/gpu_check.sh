@@ -18,8 +18,15 @@
 #   loader:  loader.json: the 224-px input path's images/s per CPU core on this machine, and the
 #            loader cores one GPU needs at the rate of the loop;
 #   compare: compare/results.{json,md}: benchmarks/compare.py --direct on the whole Fashion-MNIST
-#            (60,000 training images), 3 epochs of pre-training and 3 of fine-tuning, mapet, plm,
-#            mim and scratch x seeds 0 1 2, 8 runs at a time. The source files come from
+#            (60,000 training images), COMPARE_EPOCHS (2) epochs of pre-training and as many of
+#            fine-tuning, mapet, plm, mim and scratch x seeds 0 1 2, COMPARE_JOBS (4: a seed at a
+#            time) runs at once; each stage's time is in the log.
+#            The folders, made once on a CPU machine (the tokens take about 15 minutes on 2 cores):
+#              mkdir -p .gpu/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz .gpu/fashion-mnist/
+#              mapet params --set 'data.max_per_split={}' --set data.dir=/tmp/fm --set \
+#                tokenizer.out_dir=/tmp/fm-tokenizer --set tokenize.out_dir=.gpu/fm-tokens --out /tmp/fm.yaml
+#              for c in "data import" "tokenizer build" tokenize; do mapet $c --params /tmp/fm.yaml; done
+#            and carried to the GPU machine with .whl (both fit in its 64 MiB). The source files come from
 #            FASHION_MNIST (default .gpu/fashion-mnist) and the tokens, made on a CPU machine by
 #            `mapet tokenize` from the same import, from FM_TOKENS (default .gpu/fm-tokens).
 # Where DeepSpeed is not installed, the wheels in .whl/ go to /tmp/site first: deepspeed (built here
@@ -115,9 +122,9 @@ if wants compare; then
   wait $fashion_maker; tr '\r' '\n' < "$WORK/fm.log" | grep -v "img/s\]" | tee -a "$LOG"
   mkdir -p "$OUT/compare"
   check compare "${COMPARE_SECONDS:-330}" python3 benchmarks/compare.py --direct "$WORK/compare" --data "$WORK/fm" \
-    --tokens "${FM_TOKENS:-.gpu/fm-tokens}" --jobs 8 --out "$OUT/compare" \
-    --set pretrain.max_shards=0 --set pretrain.epochs=3 --set finetune.max_shards=0 --set finetune.epochs=3 \
-    --set pretrain.compile=false --set finetune.compile=false
+    --tokens "${FM_TOKENS:-.gpu/fm-tokens}" --jobs ${COMPARE_JOBS:-4} --out "$OUT/compare" \
+    --set pretrain.max_shards=0 --set pretrain.epochs=${COMPARE_EPOCHS:-2} --set finetune.max_shards=0 \
+    --set finetune.epochs=${COMPARE_EPOCHS:-2} --set pretrain.compile=false --set finetune.compile=false
   for log in "$WORK"/compare/*/log.txt; do
     tr '\r' '\n' < "$log" | grep -v "it/s\]\|s/it\]\|img/s\]\|step/s\]\|s/step\]" | tail -5 > "$OUT/compare/$(basename "$(dirname "$log")").log"
   done
