@@ -61,6 +61,7 @@ class FinetuneSettings:
     workers: int = 1
     split: str = "train"
     max_shards: int = 0              # the first N shards of the split only (a labelled subset); 0: all
+    collective_timeout_s: float = 600  # a collective waiting this long for a lost peer fails the run
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
 
@@ -95,7 +96,7 @@ def run_finetune(settings: FinetuneSettings, data: Path, backbone_file: Path | N
     classes = read_description(data)["classes"]
     manifest, shards = select_shards(manifest, settings.split, settings.max_shards)
 
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(settings.collective_timeout_s)
     try:
         steps_per_epoch, accum = plan_steps(manifest, settings, world)
         torch.manual_seed(settings.seed)
@@ -150,6 +151,9 @@ def run_finetune(settings: FinetuneSettings, data: Path, backbone_file: Path | N
             write_json(out / "metrics.json", metrics)
             write_json(out / "history.json", history)
         return metrics
+    except BaseException:
+        teardown(finished=False)
+        raise
     finally:
         teardown()
 

@@ -62,6 +62,7 @@ class PretrainSettings:
     workers: int = 1
     split: str = "train"
     max_shards: int = 0              # the first N shards of the split only; 0: all
+    collective_timeout_s: float = 600  # a collective waiting this long for a lost peer fails the run
     checkpoint_every: int = 100      # optimizer steps
     keep_checkpoints: int = 2
     probe_every: float = 0           # epochs between k-NN probes of the backbone; 0: off
@@ -83,7 +84,7 @@ def run_pretrain(settings: PretrainSettings, data: Path, tokens_dir: Path, out: 
     row_of = {key: row for row, key in enumerate(manifest["key"])}
     manifest, shards = select_shards(manifest, settings.split, settings.max_shards)
 
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(settings.collective_timeout_s)
     try:
         steps_per_epoch, accum = plan_steps(manifest, settings, world)
         torch.manual_seed(settings.seed)
@@ -162,6 +163,9 @@ def run_pretrain(settings: PretrainSettings, data: Path, tokens_dir: Path, out: 
             write_json(out / "metrics.json", metrics)
             write_json(out / "history.json", history)
         return metrics
+    except BaseException:
+        teardown(finished=False)
+        raise
     finally:
         teardown()
 
