@@ -26,7 +26,8 @@ from PIL import Image
 from mapet.data.dataset import MANIFEST, import_dataset, read_manifest
 from mapet.data.sources import image_folder
 from mapet.errors import MapetError
-from mapet.tokenizers.tokens import DESCRIPTION, TOKENS, file_sha256
+from mapet.files import file_sha256
+from mapet.tokenizers.tokens import DESCRIPTION, TOKENS
 
 ASPECTS = (4 / 3, 3 / 2, 1.0, 3 / 4, 2 / 3)       # width / height, ImageNet's usual shapes
 ASPECT_SHARES = (0.45, 0.2, 0.1, 0.15, 0.1)

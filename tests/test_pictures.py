@@ -15,7 +15,8 @@ from mapet.data.transforms import pretrain_transform
 from mapet.engine.pictures import PicturesSettings, run_pictures
 from mapet.masking import default_num_predict, sample_orders
 from mapet.models import create_pretrain_model, load_pretrain_model, save_pretrain_model
-from mapet.tokenizers.tokens import file_sha256, load_tokens
+from mapet.files import file_sha256
+from mapet.tokenizers.tokens import load_tokens
 from test_pretrain import TINY_VIT, write_params
 
 

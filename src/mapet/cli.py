@@ -24,6 +24,19 @@ def _export(args: argparse.Namespace) -> None:
           f"loadable with timm.create_model({model.backbone_name!r}, **timm_kwargs)")
 
 
+def _weights_import(args: argparse.Namespace) -> None:
+    from mapet.models.official import import_official_mapet
+
+    classes = None
+    if args.classes_from:
+        from mapet.data.dataset import read_manifest
+
+        manifest = read_manifest(Path(args.classes_from))
+        names = manifest.drop_duplicates("label").sort_values("label")
+        classes = [str(name) for name in names["class_name"]]
+    print("wrote " + import_official_mapet(Path(args.source), Path(args.out), classes, args.num_heads))
+
+
 def _params(args: argparse.Namespace) -> None:
     import yaml
 
@@ -168,6 +181,8 @@ def _pretrain(args: argparse.Namespace) -> None:
     config = loop_settings("pretrain", param(params, "pretrain"), param(params, "model"), PretrainSettings)
     if args.objective:
         config.objective = args.objective
+    if args.init:
+        config.init = args.init
     data = Path(args.data or param(params, "data.dir"))
     tokens = Path(args.tokens or param(params, "tokenize.out_dir"))
     out = Path(args.out or param(params, "pretrain.out_dir"))
@@ -313,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--tokens", help="token folder (default: tokenize.out_dir)")
     pretrain.add_argument("--out", help="output folder (default: pretrain.out_dir)")
     pretrain.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/latest if present")
+    pretrain.add_argument("--init", help="a pre-training model file to start from (default: pretrain.init)")
 
     finetune = command(commands, "finetune", _finetune,
                        "Fine-tune a ViT classifier from the pre-trained backbone (or from scratch) on DeepSpeed.")
@@ -344,6 +360,19 @@ def build_parser() -> argparse.ArgumentParser:
     pictures.add_argument("--tokens", help="token folder (default: tokenize.out_dir)")
     pictures.add_argument("--images", type=int, help="images shown with their predictions (default: pictures.images)")
     pictures.add_argument("--out", help="output folder (default: pictures.out_dir)")
+
+    weights = commands.add_parser("weights", help="Model files from elsewhere.", description="Model files from elsewhere.")
+    weights_commands = weights.add_subparsers(dest="weights_command", required=True, metavar="COMMAND")
+    importer = command(weights_commands, "import", _weights_import,
+                       "Convert a checkpoint of the paper's code (aimagelab/MaPeT): a fine-tuned classifier into a "
+                       "classifier file (`mapet evaluate --model`), the pre-training model into a pre-training "
+                       "model file (`mapet export`, `mapet pretrain --init`).")
+    importer.add_argument("--from", dest="layout", required=True, choices=["official-mapet"], help="the checkpoint's layout")
+    importer.add_argument("source", help="the checkpoint file (.pth, .pth.tar, .tar)")
+    importer.add_argument("--out", required=True, help="the model file to write (.safetensors)")
+    importer.add_argument("--classes-from", metavar="DATA", help="a dataset folder whose class names (by label) the "
+                          "classifier's outputs take (default: class_0, class_1, ...)")
+    importer.add_argument("--num-heads", type=int, help="attention heads (default: width / 64, as standard ViTs)")
 
     export = command(commands, "export", _export,
                      "Write a pre-trained model's backbone as a timm-loadable safetensors file.")

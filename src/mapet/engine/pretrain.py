@@ -31,7 +31,7 @@ from mapet.engine.optim import parameter_groups
 from mapet.engine.probe import ProbeSettings, knn_monitor
 from mapet.errors import MapetError
 from mapet.masking import default_num_predict, sample_orders
-from mapet.models import create_pretrain_model, save_backbone, save_pretrain_model
+from mapet.models import create_pretrain_model, init_pretrain_model, save_backbone, save_pretrain_model
 from mapet.tokenizers.tokens import load_tokens
 
 @dataclass
@@ -41,6 +41,7 @@ class PretrainSettings:
     backbone: str = "vit_tiny_patch16_224"
     model_kwargs: dict = field(default_factory=dict)   # img_size, patch_size, depth, embed_dim, num_heads, ...
     objective: str = "mapet"
+    init: str | None = None          # a pre-training model file to start from (e.g. the paper's, imported)
     num_predict: int | None = None
     mim_min_block: int = 16
     epochs: int = 1
@@ -89,6 +90,8 @@ def run_pretrain(settings: PretrainSettings, data: Path, tokens_dir: Path, out: 
         steps_per_epoch, accum = plan_steps(manifest, settings, world)
         torch.manual_seed(settings.seed)
         model = create_pretrain_model(settings.objective, settings.backbone, token_info["k"], **settings.model_kwargs)
+        if settings.init:
+            init_pretrain_model(model, settings.init)
         num_predict = settings.num_predict or default_num_predict(settings.objective, model.num_patches)
         engine, bf16 = make_engine(settings, model, parameter_groups(model, settings.weight_decay, settings.lr),
                                    steps_per_epoch, accum, device)
@@ -101,7 +104,8 @@ def run_pretrain(settings: PretrainSettings, data: Path, tokens_dir: Path, out: 
                   f"patches, {num_predict} predicted; tokens from {token_info['encoder']['name']} "
                   f"(k = {token_info['k']}{'' if token_info['encoder']['clip'] else ', not CLIP'}); data manifest "
                   f"{token_info['manifest_sha256'][:12]}; {world} rank(s) x {max(1, settings.workers)} reader(s), "
-                  f"{steps_per_epoch} steps/epoch, {'resuming at step ' + str(step) if step else 'starting at step 0'}")
+                  f"{steps_per_epoch} steps/epoch, {'resuming at step ' + str(step) if step else 'starting at step 0'}"
+                  f"{' from ' + str(settings.init) if settings.init and not step else ''}")
 
         on_gpu = settings.decode == "gpu"
         dataset = ShardDataset(data, settings.split, pretrain_transform(image_size, settings.color_jitter, normalize=False),

@@ -22,8 +22,8 @@ from mapet.errors import MapetError
 from mapet.masking import OBJECTIVES
 from mapet.models.pretrain import MaskedImageModel, PretrainModel, TwoStreamModel
 
-__all__ = ["create_pretrain_model", "export_backbone", "load_backbone", "load_backbone_file", "load_classifier",
-           "load_pretrain_model",
+__all__ = ["create_pretrain_model", "export_backbone", "init_pretrain_model", "load_backbone", "load_backbone_file",
+           "load_classifier", "load_pretrain_model", "load_weights",
            "save_backbone", "save_classifier", "save_pretrain_model", "PretrainModel", "TwoStreamModel",
            "MaskedImageModel"]
 
@@ -107,6 +107,30 @@ def load_pretrain_model(path: str | os.PathLike) -> PretrainModel:
                                   **json.loads(meta["timm_kwargs"]))
     model.load_state_dict(tensors)
     return model
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Every weight of ``model`` from ``state`` and nothing else, each shape as the model's."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{key} {tuple(state[key].shape)} (the ViT needs {tuple(expected[key].shape)})"
+             for key in sorted(set(state) & set(expected)) if state[key].shape != expected[key].shape]
+    if missing or unexpected or wrong:
+        problems = [f"missing {', '.join(missing[:8])}" if missing else "", f"not expected {', '.join(unexpected[:8])}"
+                    if unexpected else "", f"shapes {'; '.join(wrong[:4])}" if wrong else ""]
+        raise MapetError(f"{path}: does not fit the model: {'; '.join(p for p in problems if p)}")
+    model.load_state_dict({key: tensor.to(expected[key].dtype) for key, tensor in state.items()})
+
+
+def init_pretrain_model(model: PretrainModel, path: str | os.PathLike) -> None:
+    """Start ``model`` from the weights of a pre-training model file (``mapet pretrain --init``):
+    the same ViT and token count, whatever objective wrote it."""
+    tensors, meta = _load(path, "pretrain")
+    if int(meta["vocab_size"]) != model.vocab_size:
+        raise MapetError(f"{path}: predicts {meta['vocab_size']} tokens; the token file of this run has "
+                         f"{model.vocab_size}")
+    load_weights(model, tensors, Path(path))
 
 
 def save_backbone(model: PretrainModel, path: str | os.PathLike,

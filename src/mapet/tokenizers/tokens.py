@@ -11,7 +11,6 @@ remaining shards. The final names appear only once every row is written.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -25,18 +24,11 @@ from tqdm import tqdm
 from mapet.data.dataset import MANIFEST, read_manifest
 from mapet.data.reader import ShardDataset
 from mapet.errors import MapetError
+from mapet.files import file_sha256
 from mapet.tokenizers.codebook import Codebook, nearest
 from mapet.tokenizers.encoders import PatchEncoder
 
 TOKENS, DESCRIPTION, PARTIAL, PROGRESS = "tokens.npy", "tokens.json", "tokens.npy.partial", "tokens.progress.json"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_json(path: Path, document: dict[str, Any]) -> None:
