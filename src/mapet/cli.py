@@ -119,6 +119,7 @@ def _vit_grid(params: dict) -> tuple[int, int]:
 
 
 def _tokenizer_build(args: argparse.Namespace) -> None:
+    from mapet.files import file_sha256
     from mapet.tokenizers.codebook import Codebook, KMeansSettings, sample_patch_vectors, save_codebook, train_kmeans
     from mapet.tokenizers.encoders import create_encoder
 
@@ -128,6 +129,17 @@ def _tokenizer_build(args: argparse.Namespace) -> None:
     out = Path(args.out or param(params, "tokenizer.out_dir"))
     encoder = create_encoder(param(params, "tokenizer.encoder"))
     encoder.check_grid(_vit_grid(params))
+    grid, _ = encoder.grid_and_dim()
+    description = encoder.describe()
+    if getattr(encoder, "codebook", None) is not None:              # VQ-KD: the checkpoint's own codes
+        codebook = encoder.codebook
+        save_codebook(Codebook(codebook, {"encoder": description, "k": len(codebook), "grid": list(grid),
+                                          "copied_from": {"checkpoint": description["weights"],
+                                                          "sha256": file_sha256(Path(description["weights"]))}}),
+                      out / "codebook.safetensors")
+        print(f"wrote {out / 'codebook.safetensors'}: the {len(codebook)} codes of {description['weights']} "
+              f"(copied, no k-means)")
+        return
     kmeans = build_settings("tokenizer", {k: v for k, v in section.items() if k in KMeansSettings.__dataclass_fields__},
                       KMeansSettings)
     vectors = sample_patch_vectors(encoder, data, section.get("split", "train"), int(param(params, "tokenizer.sample_images")),
@@ -136,8 +148,6 @@ def _tokenizer_build(args: argparse.Namespace) -> None:
     print(f"k-means: {len(vectors)} vectors of dim {vectors.shape[1]} -> k = {kmeans.k} "
           f"({kmeans.iterations} iterations x {kmeans.restarts} restarts)")
     centroids, result = train_kmeans(vectors, kmeans)
-    grid, _ = encoder.grid_and_dim()
-    description = encoder.describe()
     save_codebook(Codebook(centroids, {"encoder": description, "k": kmeans.k, "grid": list(grid),
                                        "kmeans": vars(kmeans), "vectors": len(vectors), **result}),
                   out / "codebook.safetensors")

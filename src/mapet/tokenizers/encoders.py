@@ -168,6 +168,88 @@ class TimmEncoder(PatchEncoder):
                 "clip": False, "note": "not CLIP"}
 
 
+VQKD_RELEASE = ("vqkd_encoder_base_decoder_3x768x12_clip-d5036aa7.pth from "
+                "https://github.com/addf400/files/releases/download/BEiT-v2/ (BEiT v2's tokenizer)")
+
+
+class VQKDEncoder(PatchEncoder):
+    """BEiT v2's VQ-KD tokenizer: its ViT encoder, the task layer (Linear, Tanh, Linear) into the
+    code space, each patch's vector l2-normalised. The codebook is the checkpoint's own
+    (``codebook``); a token is the nearest code, as the release quantises. Images are scaled to
+    [-1, 1] (mean 0.5, std 0.5), as the release expects.
+
+    The checkpoint's layout: under ``model`` (or ``state_dict``, or at the top level),
+    ``encoder.*`` a timm-like ViT whose attention has ``qkv.weight`` with ``q_bias`` and ``v_bias``
+    (no k bias), no LayerScale, ``fc_norm`` over the patch tokens; ``encode_task_layer.{0,2}``;
+    ``quantize.embedding.weight`` (codes x code dim). The decoder, the EMA statistics of the
+    quantizer and any CLIP teacher weights are not needed to tokenise and are left out.
+    """
+
+    kind, is_clip = "vqkd", False
+    UNUSED = ("decoder.", "decode_task_layer.", "teacher", "scaling_layer.", "loss", "quantize.cluster_size",
+              "quantize.embedding.cluster_size", "quantize.embedding.embed_avg", "quantize.embedding.initted")
+
+    def __init__(self, pretrained: str | None, input_size: int | None = None):
+        import timm
+
+        from mapet.models import load_weights
+        from mapet.models.official import read_official_checkpoint
+
+        if not pretrained or not Path(pretrained).is_file():
+            raise MapetError(f"tokenizer.encoder.pretrained: {'no VQ-KD checkpoint at ' + repr(pretrained) if pretrained else 'not set'}; "
+                             f"download {VQKD_RELEASE} and set tokenizer.encoder.pretrained to its path")
+        state, _ = read_official_checkpoint(Path(pretrained))
+        state = {key: value for key, value in state.items() if not key.startswith(self.UNUSED)}
+        for key in ("encoder.patch_embed.proj.weight", "encoder.pos_embed", "encode_task_layer.2.weight",
+                    "quantize.embedding.weight"):
+            if key not in state:
+                raise MapetError(f"{pretrained}: no {key!r}: not a BEiT v2 VQ-KD tokenizer checkpoint")
+        task_keys = {f"encode_task_layer.{i}.{kind}" for i in (0, 2) for kind in ("weight", "bias")}
+        unknown = sorted(key for key in state if not key.startswith("encoder.") and key not in
+                         task_keys | {"quantize.embedding.weight"})
+        if unknown:
+            raise MapetError(f"{pretrained}: weight(s) outside the VQ-KD layout: {', '.join(unknown[:8])}")
+        dim, _, patch, _ = state["encoder.patch_embed.proj.weight"].shape
+        grid = round((state["encoder.pos_embed"].shape[1] - 1) ** 0.5)
+        depth = len({key.split(".")[2] for key in state if key.startswith("encoder.blocks.")})
+        network = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, img_size=grid * patch,
+                                    patch_size=patch, embed_dim=dim, depth=depth, num_heads=max(1, dim // 64),
+                                    global_pool="avg", init_values=None)
+        weights = {}
+        for key, value in state.items():
+            if not key.startswith("encoder."):
+                continue
+            name = key.removeprefix("encoder.")
+            if name.endswith(".attn.q_bias"):
+                block = name.removesuffix(".q_bias")
+                weights[block + ".qkv.bias"] = torch.cat([value, torch.zeros_like(value), state[f"encoder.{block}.v_bias"]])
+            elif not name.endswith(".attn.v_bias"):
+                weights[name] = value
+        load_weights(network, weights, Path(pretrained))
+        first, last = state["encode_task_layer.0.weight"], state["encode_task_layer.2.weight"]
+        task_layer = nn.Sequential(nn.Linear(first.shape[1], first.shape[0]), nn.Tanh(),
+                                   nn.Linear(last.shape[1], last.shape[0]))
+        load_weights(task_layer, {key.removeprefix("encode_task_layer."): value for key, value in state.items()
+                                       if key.startswith("encode_task_layer.")}, Path(pretrained))
+        if input_size and input_size != grid * patch:
+            raise MapetError(f"tokenizer.encoder.input_size: the VQ-KD encoder of {pretrained} takes {grid * patch} px "
+                             f"images (its position embedding covers {grid}x{grid} patches), not {input_size}")
+        super().__init__(grid * patch, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        self.network, self.task_layer = _frozen(network), _frozen(task_layer)
+        self.codebook = state["quantize.embedding.weight"].float().numpy()
+        self.pretrained = str(pretrained)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.network.forward_features(images)[:, self.network.num_prefix_tokens:]
+        codes = torch.nn.functional.normalize(self.task_layer(self.network.fc_norm(tokens)), dim=-1)
+        side = self.input_size // self.network.patch_embed.patch_size[0]
+        return codes.reshape(len(images), side, side, -1)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "name": "BEiT v2 VQ-KD", "weights": self.pretrained, "input_size": self.input_size,
+                "clip": False, "note": "VQ-KD tokens (BEiT v2's tokenizer, distilled from CLIP), not k-CLIP"}
+
+
 def create_encoder(settings: dict[str, Any]) -> PatchEncoder:
     """From params.yaml's ``tokenizer.encoder``: kind, model, pretrained, input_size."""
     kind = settings.get("kind", "efficientnet-lite0")
@@ -178,4 +260,6 @@ def create_encoder(settings: dict[str, Any]) -> PatchEncoder:
             raise MapetError(f"tokenizer.encoder.model is required for kind {kind!r}")
         encoder = OpenClipEncoder if kind == "open_clip" else TimmEncoder
         return encoder(settings["model"], settings.get("pretrained"), settings.get("input_size"))
-    raise MapetError(f"tokenizer.encoder.kind must be efficientnet-lite0, open_clip or timm, not {kind!r}")
+    if kind == "vqkd":
+        return VQKDEncoder(settings.get("pretrained"), settings.get("input_size"))
+    raise MapetError(f"tokenizer.encoder.kind must be efficientnet-lite0, open_clip, timm or vqkd, not {kind!r}")
