@@ -1,5 +1,7 @@
 """params.yaml handling: typed settings, presets, and dvc-exp-style overrides (`mapet params`)."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -73,3 +75,21 @@ def test_params_command_writes_an_overridden_copy_and_refuses_a_bad_one(tmp_path
     assert main(["params", "--params", str(source), "--set", "model.depth=3"]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)
     assert shown["model"]["depth"] == 3 and "presets" not in shown
+
+
+@pytest.mark.parametrize("section, field, value, message", [
+    ("pretrain", "lr", -1, "pretrain.lr must be above 0, got -1"),
+    ("tokenize", "batch_size", 0, "tokenize.batch_size must be above 0"),
+    ("finetune", "label_smoothing", 1.5, "finetune.label_smoothing must be at most 1"),
+    ("pretrain", "zero_stage", 7, "pretrain.zero_stage must be one of 0, 1, 2, got 7"),
+    ("pretrain", "decode", "tpu", "pretrain.decode must be one of cpu, gpu"),
+    ("model", "img_size", "big", "model.img_size must be a whole number, got 'big'"),
+])
+def test_a_value_out_of_range_is_refused_naming_file_and_field(tmp_path, capsys, section, field, value, message):
+    document = yaml.safe_load((Path(__file__).parent.parent / "params.yaml").read_text())
+    document[section][field] = value
+    path = write(tmp_path, document)
+    command = ["pretrain", "--data", str(tmp_path / "none")] if section == "model" else ["params"]
+    assert main([*command, "--params", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error

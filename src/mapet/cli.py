@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from mapet.errors import MapetError
-from mapet.params import DEFAULT_PARAMS, build_settings, load_params, param
+from mapet.params import DEFAULT_PARAMS, build_settings, check_model, load_params, param
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -114,6 +114,7 @@ def _validate(args: argparse.Namespace) -> None:
 
 
 def _vit_grid(params: dict) -> tuple[int, int]:
+    check_model(param(params, "model"))
     side = param(params, "model.img_size") // param(params, "model.patch_size")
     return side, side
 

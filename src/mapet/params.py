@@ -38,7 +38,18 @@ def resolve_params(params: Any, source: str) -> dict[str, Any]:
             raise MapetError(f"{source}: preset {preset!r} is not defined under 'presets' "
                              f"(defined: {', '.join(presets) or 'none'})")
         params = merge(params, presets[preset])
+    for section, values in params.items():
+        if section not in ("presets", "pipeline") and isinstance(values, dict):
+            _check_ranges(section, values, source)
     return {**params, "_path": source}
+
+
+def _check_ranges(prefix: str, values: dict[str, Any], source: str) -> None:
+    for name, value in values.items():
+        if isinstance(value, dict):
+            _check_ranges(f"{prefix}.{name}", value, source)
+        else:
+            check_range(prefix, name, value, source)
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -83,6 +94,48 @@ def _number_kind(hint: Any) -> type | None:
     return kinds[0] if len(kinds) == 1 else None
 
 
+# The range of a setting, by its name in whichever section it appears.
+POSITIVE = {"epochs", "batch_size", "micro_batch_size", "lr", "k", "temperature", "iterations", "restarts",
+            "shard_size", "checkpoint_every", "keep_checkpoints", "collective_timeout_s", "linear_iterations",
+            "sample_images", "max_vectors", "max_points_per_centroid", "images", "codes", "patches_per_code",
+            "codebook_images", "num_predict", "mim_min_block", "layer_decay", "crop_pct", "max_size", "min_size",
+            "img_size", "patch_size", "depth", "embed_dim", "num_heads"}
+NON_NEGATIVE = {"workers", "warmup_epochs", "warmup_lr", "min_lr", "weight_decay", "grad_clip", "color_jitter", "mixup",
+                "cutmix", "probe_every", "probe_train_images", "probe_test_images", "max_shards", "train_images",
+                "test_images", "min_images_per_class", "linear_weight_decay", "context", "init_values",
+                "drop_path_rate"}
+AT_MOST_ONE = {"label_smoothing", "reprob", "drop_path_rate", "min_class_share", "layer_decay", "crop_pct"}
+CHOICES = {"zero_stage": (0, 1, 2), "objective": ("mapet", "plm", "mim"), "decode": ("cpu", "gpu"),
+           "head_init": ("probe", "random")}
+
+
+def check_range(section: str, name: str, value: Any, source: str = "params") -> None:
+    """The range and choices above; a value outside them is an error naming ``section.name``
+    (and the file, ``source``)."""
+    if name in CHOICES and value not in CHOICES[name]:
+        raise MapetError(f"{source}: {section}.{name} must be one of {', '.join(map(str, CHOICES[name]))}, got {value!r}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    if name in POSITIVE and value <= 0:
+        raise MapetError(f"{source}: {section}.{name} must be above 0, got {value!r}")
+    if name in NON_NEGATIVE | AT_MOST_ONE and value < 0:
+        raise MapetError(f"{source}: {section}.{name} must be at least 0, got {value!r}")
+    if name in AT_MOST_ONE and value > 1:
+        raise MapetError(f"{source}: {section}.{name} must be at most 1, got {value!r}")
+
+
+def check_model(model: dict[str, Any]) -> None:
+    """params.yaml's ``model``: img_size and patch_size present, sizes whole numbers, all in range."""
+    for required in ("img_size", "patch_size"):
+        if required not in model:
+            raise MapetError(f"params: model.{required} is required")
+    for name, value in model.items():
+        if name in ("img_size", "patch_size", "depth", "embed_dim", "num_heads") and \
+                (not isinstance(value, int) or isinstance(value, bool)):
+            raise MapetError(f"params: model.{name} must be a whole number, got {value!r}")
+        check_range("model", name, value)
+
+
 def build_settings(section: str, values: dict[str, Any], cls: type, ignore: tuple[str, ...] = ()) -> Any:
     """``cls(**values)`` for a dataclass of settings, with each number converted to the type its
     field is annotated with (YAML reads ``1e-3`` as a string). An integer field refuses a
@@ -108,4 +161,6 @@ def build_settings(section: str, values: dict[str, Any], cls: type, ignore: tupl
         if kind is int and not number.is_integer():
             raise MapetError(f"params: {section}.{name} must be a whole number, got {value!r}")
         typed[name] = kind(number)
+    for name, value in typed.items():
+        check_range(section, name, value)
     return cls(**typed)

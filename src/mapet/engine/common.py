@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from mapet.engine.optim import warmup_cosine
 from mapet.errors import MapetError
-from mapet.params import build_settings
+from mapet.params import build_settings, check_model
 
 LATEST = "latest"
 
@@ -209,9 +209,7 @@ def loop_settings(section: str, values: dict, model: dict, cls: type, model_keys
     """A loop's settings dataclass from params.yaml's ``section`` plus the ViT of ``model``
     (``backbone`` and the timm arguments, less the keys the section sets itself)."""
     model_kwargs = {k: v for k, v in model.items() if k != "backbone" and k not in model_keys_owned}
-    for required in ("img_size", "patch_size"):
-        if required not in model_kwargs:
-            raise MapetError(f"params: model.{required} is required")
+    check_model(model)
     result = build_settings(section, values, cls, ignore=("out_dir",))
     if result.compile not in ("auto", True, False):
         raise MapetError(f"params: {section}.compile must be auto, true or false, got {result.compile!r}")
