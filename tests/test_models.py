@@ -204,3 +204,19 @@ def test_bad_order_shape_is_refused():
     model = tiny("mapet")
     with pytest.raises(ValueError, match=r"order must have shape \(batch, num_patches\) = \(2, 16\)"):
         model(torch.randn(2, 3, 16, 16), torch.zeros(2, 15, dtype=torch.long), 4)
+
+
+@pytest.mark.parametrize("command, kind", [(["evaluate", "--model"], "classifier"), (["probe", "--backbone"], "backbone"),
+                                           (["pictures", "--model"], "pretrain")])
+def test_truncated_or_foreign_safetensors_are_one_message(tmp_path, capsys, command, kind):
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(64, 64)}, str(tmp_path / "foreign.safetensors"))      # no mapet description
+    whole = (tmp_path / "foreign.safetensors").read_bytes()
+    (tmp_path / "truncated.safetensors").write_bytes(whole[:len(whole) // 2])
+    for name, message in (("truncated", "not a readable safetensors file"),
+                          ("foreign", f"holds a 'unlabelled' model, expected a '{kind}' model")):
+        path = tmp_path / f"{name}.safetensors"
+        assert main([*command, str(path), "--data", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+        error = capsys.readouterr().err
+        assert f"{path}: {message}" in error and "Traceback" not in error

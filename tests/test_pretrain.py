@@ -206,3 +206,36 @@ def test_a_non_finite_loss_stops_the_run_with_a_message(tokens, tmp_path):
     assert process.returncode != 0
     assert "pretrain mapet: the loss is nan at step" in output and "--resume" in output
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("damage", ["missing part", "cut short"])
+def test_resume_skips_a_damaged_newest_checkpoint_for_the_one_before(tokens, tmp_path, damage):
+    data, token_dir = tokens
+    settings = {"epochs": 3, "workers": 1, "checkpoint_every": 3}      # 12 steps: checkpoints at 9 and 12 kept
+    params = write_params(tmp_path, data, token_dir, **settings)
+    finish(launch(params))
+    whole = history(tmp_path)
+    newest = tmp_path / "out" / "checkpoints" / "step00000012"
+    states = sorted(newest.glob("*optim_states.pt"))
+    assert states, sorted(p.name for p in newest.iterdir())
+    if damage == "missing part":
+        states[0].unlink()
+    else:
+        states[0].write_bytes(states[0].read_bytes()[:100])
+
+    output = finish(launch(params, resume=True))
+    assert "cannot resume from it" in output and "resuming from" in output and "step00000009" in output
+    assert history(tmp_path) == whole
+
+
+def test_resume_with_no_loadable_checkpoint_is_one_message(tokens, tmp_path):
+    data, token_dir = tokens
+    params = write_params(tmp_path, data, token_dir, epochs=1, workers=1, checkpoint_every=2)
+    finish(launch(params))
+    for states in (tmp_path / "out" / "checkpoints").glob("step*/*model_states.pt"):
+        states.write_bytes(b"")
+    process = launch(params, resume=True)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 2
+    assert "no checkpoint could be loaded (tried step00000004, step00000002)" in output
+    assert "mapet pretrain: error:" in output and "Traceback" not in output

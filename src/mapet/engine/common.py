@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from itertools import islice
@@ -143,10 +144,34 @@ def checkpoint(engine, folder: Path, step: int, history: list, rank: int, keep: 
 
 
 def resume_state(engine, folder: Path) -> dict[str, Any] | None:
+    """The client state of the newest checkpoint every rank can load, loaded into ``engine``;
+    None without checkpoints. A damaged or incomplete newest checkpoint (a part missing, a file
+    cut short) is skipped with a warning for the one before it; when none loads, the error names
+    the folder. Every rank must call it: the ranks agree on the checkpoint."""
     if not (folder / LATEST).is_file():
         return None
-    _, state = engine.load_checkpoint(str(folder))
-    return state
+    latest = (folder / LATEST).read_text().strip()
+    tags = sorted((path.name for path in folder.glob("step*") if path.is_dir() and path.name <= latest), reverse=True)
+    rank = dist.get_rank()
+    if latest not in tags and rank == 0:
+        print(f"warning: {folder / latest}: the checkpoint that {folder / LATEST} names is missing", file=sys.stderr)
+    for tag in tags:
+        try:
+            _, state = engine.load_checkpoint(str(folder), tag=tag)
+            problem = None if state and "global_step" in state else "no training state in it"
+        except Exception as error:      # DeepSpeed and torch.load raise many kinds for a damaged file
+            problem = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
+        loaded = torch.tensor(0.0 if problem else 1.0, device=engine.device)
+        dist.all_reduce(loaded, op=dist.ReduceOp.MIN)
+        if loaded.item() == 1:
+            if tag != latest and rank == 0:
+                print(f"warning: resuming from {folder / tag}, the newest checkpoint that loads", file=sys.stderr)
+            return state
+        if rank == 0:
+            print(f"warning: {folder / tag}: cannot resume from it ({problem or 'another rank could not load its part'})",
+                  file=sys.stderr)
+    raise MapetError(f"{folder}: no checkpoint could be loaded (tried {', '.join(tags) or 'none'}); move the folder "
+                     f"away to start from scratch")
 
 
 def train_steps(engine, dataset, settings, *, world: int, rank: int, accum: int, steps_per_epoch: int, step: int,
