@@ -9,6 +9,7 @@ from pathlib import Path
 from kfp import compiler, dsl, kubernetes
 
 from components.data.component import materialize_data
+from components.data.materialize import GIT_SECRET_KEYS
 from components.evaluate.component import evaluate
 from components.finetune.component import finetune
 from components.pictures.component import pictures
@@ -34,6 +35,7 @@ def mapet_pipeline(
     param_overrides: list = [],
     dvc_remote: str = "",
     dvc_secret: str = "mapet-dvc-remote",
+    git_secret: str = "mapet-git",
     workspace: str = WORKSPACE_MOUNT,
     workspace_pvc: str = "mapet-workspace",
     backend: str = "trainjob",
@@ -50,14 +52,17 @@ def mapet_pipeline(
 ):
     """repo_url/git_rev: the repository and revision whose data.dvc and params.yaml to run;
     param_overrides: ["pretrain.objective=mim", "preset=paper", ...]; dvc_remote: overrides the
-    repository's DVC remote (credentials from the Secret dvc_secret); workspace_pvc: the RWX
+    repository's DVC remote (credentials from the Secret dvc_secret); git_secret: the Secret
+    whose HTTPS token or SSH key clones a private repository; workspace_pvc: the RWX
     volume mounted at /workspace in every step and TrainJob node; backend: trainjob or local;
     num_nodes/proc_per_node/gpus_per_node/node_selector/tolerations: the TrainJob's shape;
     step_gpus: GPUs of the tokenizer, tokenize and fine-tuning steps (0 on CPU clusters)."""
     data_step = materialize_data(repo_url=repo_url, git_rev=git_rev, workspace=workspace, dvc_remote=dvc_remote,
-                                 param_overrides=param_overrides).set_display_name("materialise data")
+                                 param_overrides=param_overrides, git_secret=git_secret)
+    data_step.set_display_name("materialise data")
     data_step.set_caching_options(False)                     # a branch name resolves to a new commit over time
     kubernetes.use_secret_as_env(data_step, secret_name=dvc_secret, secret_key_to_env=DVC_SECRET_KEYS, optional=True)
+    kubernetes.use_secret_as_env(data_step, secret_name=git_secret, secret_key_to_env=GIT_SECRET_KEYS, optional=True)
     data, params = data_step.outputs["data"], data_step.outputs["params"]
 
     checked = validate(data=data, params=params).set_display_name("validate")

@@ -111,3 +111,12 @@ def test_strict_validation_catches_a_misspelt_field():
     namespace["metadata"]["lables"] = {"a": "b"}
     with pytest.raises(kubernetes_validate.ValidationError):
         validate(namespace)
+
+
+def test_git_secret_template_validates_and_commits_no_secret():
+    [secret] = yaml.safe_load_all((K8S / "templates" / "git-secret.yaml").read_text())
+    validate(secret)
+    assert not any(secret["stringData"].values()) and "data" not in secret
+    from components.data.materialize import GIT_SECRET_KEYS
+
+    assert set(secret["stringData"]) <= set(GIT_SECRET_KEYS)

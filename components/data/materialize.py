@@ -21,11 +21,61 @@ from components.runtime import StepError, mapet
 COMPLETE = ".complete"
 
 
-def _run(argv: list[str], cwd: Path | None = None) -> str:
-    result = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
+# The git Secret's keys (k8s/templates/git-secret.yaml) reach the step as these variables.
+GIT_SECRET_KEYS = {"token": "MAPET_GIT_TOKEN", "username": "MAPET_GIT_USERNAME", "ssh-privatekey": "MAPET_GIT_SSH_KEY",
+                   "known_hosts": "MAPET_GIT_KNOWN_HOSTS"}
+# An HTTPS credential helper that reads the token from the environment when git asks, so that it
+# is on no command line, in no URL and in no file.
+CREDENTIAL_HELPER = ("!f() { test \"$1\" = get || exit 0; echo username=\"${MAPET_GIT_USERNAME:-x-access-token}\"; "
+                     "echo password=\"$MAPET_GIT_TOKEN\"; }; f")
+
+
+def _secrets() -> list[str]:
+    return [os.environ[name] for name in GIT_SECRET_KEYS.values() if os.environ.get(name)]
+
+
+def _run(argv: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
+    result = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, env=env)
     if result.returncode:
-        raise StepError(f"`{' '.join(argv)}` failed with status {result.returncode}:\n{result.stderr.strip()}")
+        message = result.stderr.strip()
+        for secret in _secrets():
+            message = message.replace(secret, "***")
+        raise StepError(f"`{' '.join(argv)}` failed with status {result.returncode}:\n{message}")
     return result.stdout.strip()
+
+
+def git_environment(folder: Path) -> dict[str, str]:
+    """The environment of git commands: never a prompt; the Secret's HTTPS token through
+    :data:`CREDENTIAL_HELPER`, or its SSH key and known_hosts written (0600) into ``folder``."""
+    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_CONFIG_COUNT": "2", "GIT_CONFIG_KEY_0": "credential.helper",
+           "GIT_CONFIG_VALUE_0": "", "GIT_CONFIG_KEY_1": "credential.helper", "GIT_CONFIG_VALUE_1": CREDENTIAL_HELPER}
+    if os.environ.get("MAPET_GIT_SSH_KEY"):
+        folder.mkdir(parents=True, exist_ok=True)
+        key, known_hosts = folder / "id", folder / "known_hosts"
+        key.touch(mode=0o600)
+        key.write_text(os.environ["MAPET_GIT_SSH_KEY"].rstrip("\n") + "\n")
+        known_hosts.write_text(os.environ.get("MAPET_GIT_KNOWN_HOSTS", ""))
+        env["GIT_SSH_COMMAND"] = (f"ssh -i {key} -o IdentitiesOnly=yes -o UserKnownHostsFile={known_hosts} "
+                                  f"-o StrictHostKeyChecking=yes")
+    return env
+
+
+def clone(repo_url: str, checkout: Path, git_secret: str) -> None:
+    """``git clone --no-checkout`` with the Secret's credentials; a refusal names the Secret."""
+    credentials = checkout.parent / f"{checkout.name}-credentials"
+    try:
+        _run(["git", "clone", "--quiet", "--no-checkout", repo_url, str(checkout)], env=git_environment(credentials))
+    except StepError as error:
+        refused = any(sign in str(error) for sign in ("Authentication failed", "could not read Username",
+                                                      "terminal prompts disabled", "Permission denied", "403", "401"))
+        if not refused:
+            raise
+        given = "with the credentials from" if _secrets() else "anonymously: no credentials in"
+        raise StepError(f"{repo_url}: the git server refused the clone ({given} the Kubernetes Secret {git_secret!r}). "
+                        f"Put an HTTPS token in it (key `token`, and `username` if the server wants one) or an SSH "
+                        f"key (`ssh-privatekey` and `known_hosts`): k8s/templates/git-secret.yaml\n{error}") from error
+    finally:
+        shutil.rmtree(credentials, ignore_errors=True)
 
 
 def pinned_md5(checkout: Path) -> str:
@@ -39,13 +89,15 @@ def pinned_md5(checkout: Path) -> str:
 
 
 def materialize(repo_url: str, git_rev: str, workspace: str | Path, dvc_remote: str, overrides: list[str],
-                params_out: str | Path) -> dict[str, Any]:
-    """Returns the data's description: its path on the workspace, the commit and the md5."""
+                params_out: str | Path, git_secret: str = "mapet-git") -> dict[str, Any]:
+    """Returns the data's description: its path on the workspace, the commit and the md5.
+    ``git_secret`` names the Secret whose credentials (see :func:`git_environment`) clone a
+    private repository."""
     workspace = Path(workspace)
     checkout = workspace / "tmp" / f"checkout-{uuid.uuid4().hex[:12]}"
     checkout.parent.mkdir(parents=True, exist_ok=True)
     try:
-        _run(["git", "clone", "--quiet", "--no-checkout", repo_url, str(checkout)])
+        clone(repo_url, checkout, git_secret)
         _run(["git", "checkout", "--quiet", git_rev], cwd=checkout)
         commit = _run(["git", "rev-parse", "HEAD"], cwd=checkout)
         md5 = pinned_md5(checkout)
