@@ -83,7 +83,9 @@ def test_params_command_writes_an_overridden_copy_and_refuses_a_bad_one(tmp_path
     ("finetune", "label_smoothing", 1.5, "finetune.label_smoothing must be at most 1"),
     ("pretrain", "zero_stage", 7, "pretrain.zero_stage must be one of 0, 1, 2, got 7"),
     ("pretrain", "decode", "tpu", "pretrain.decode must be one of cpu, gpu"),
-    ("model", "img_size", "big", "model.img_size must be a whole number, got 'big'"),
+    ("model", "img_size", "big", "model.img_size must be a number, got 'big'"),
+    ("model", "depth", 2.5, "model.depth must be a whole number, got 2.5"),
+    ("tokenize", "batch_size", "many", "tokenize.batch_size must be a number, got 'many'"),
 ])
 def test_a_value_out_of_range_is_refused_naming_file_and_field(tmp_path, capsys, section, field, value, message):
     document = yaml.safe_load((Path(__file__).parent.parent / "params.yaml").read_text())
@@ -93,3 +95,26 @@ def test_a_value_out_of_range_is_refused_naming_file_and_field(tmp_path, capsys,
     assert main([*command, "--params", str(path)]) == 2
     error = capsys.readouterr().err
     assert message in error and "Traceback" not in error
+
+
+def test_a_file_that_is_not_yaml_is_refused_naming_it(tmp_path, capsys):
+    path = tmp_path / "params.yaml"
+    path.write_text("pretrain:\n  epochs: [1\n")
+    assert main(["pretrain", "--params", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert f"{path}: not valid YAML" in error and "Traceback" not in error
+
+
+@pytest.mark.parametrize("command", [["validate", "--data"], ["tokenizer", "build", "--data"], ["tokenize", "--data"],
+                                     ["pretrain", "--tokens"], ["finetune", "--backbone"], ["evaluate", "--model"],
+                                     ["probe", "--backbone"], ["pictures", "--model"], ["export", "--model"],
+                                     ["data", "import", "--source"], ["weights", "import", "--from", "official-mapet",
+                                                                      "--out", "x.safetensors"]])
+def test_a_wrong_path_is_one_message_naming_it(tmp_path, capsys, command):
+    wrong = tmp_path / "nowhere"
+    argv = [*command, str(wrong)]
+    if command[0] == "tokenize":
+        argv += ["--codebook", str(wrong)]
+    assert main([*argv, "--params", str(Path(__file__).parent.parent / "params.yaml")]) == 2
+    error = capsys.readouterr().err
+    assert str(wrong) in error and "Traceback" not in error

@@ -114,6 +114,11 @@ def check_range(section: str, name: str, value: Any, source: str = "params") -> 
     (and the file, ``source``)."""
     if name in CHOICES and value not in CHOICES[name]:
         raise MapetError(f"{source}: {section}.{name} must be one of {', '.join(map(str, CHOICES[name]))}, got {value!r}")
+    if name in POSITIVE | NON_NEGATIVE and isinstance(value, str):
+        try:
+            value = float(value)                 # YAML reads 1e-3 as a string
+        except ValueError:
+            raise MapetError(f"{source}: {section}.{name} must be a number, got {value!r}") from None
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return
     if name in POSITIVE and value <= 0:
