@@ -15,6 +15,7 @@ from components.finetune.component import finetune
 from components.pictures.component import pictures
 from components.pretrain.component import pretrain
 from components.probe.component import probe
+from components.summary.component import summarize
 from components.tokenize.component import tokenize
 from components.tokenizer.component import build_tokenizer
 from components.validate.component import validate
@@ -84,6 +85,10 @@ def mapet_pipeline(
         .set_display_name("fine-tune")
     evaluate_step = evaluate(data=data, params=params, model=finetune_step.outputs["model"]) \
         .set_display_name("evaluate")
+    summarize(data=data, params=params, pretrain_metrics=pretrain_step.outputs["metrics"],
+              probe_metrics=probe_step.outputs["metrics"], scratch_metrics=probe_step.outputs["scratch_metrics"],
+              finetune_metrics=finetune_step.outputs["metrics"], evaluate_metrics=evaluate_step.outputs["metrics"]) \
+        .set_display_name("run summary")
 
     for step in (data_step, checked, codebook_step, tokens_step, pretrain_step, probe_step, pictures_step, finetune_step,
                  evaluate_step):

@@ -28,7 +28,8 @@ def test_compiled_pipeline_chains_the_steps_and_mounts_the_workspace():
     spec, platform = yaml.safe_load_all(COMPILED.read_text())
     tasks = spec["root"]["dag"]["tasks"]
     assert set(tasks) == {"materialize-data", "validate", "build-tokenizer", "tokenize", "pretrain", "probe",
-                          "pictures", "finetune", "evaluate"}
+                          "pictures", "finetune", "evaluate", "summarize"}
+    assert {"pretrain", "probe", "finetune", "evaluate"} <= set(tasks["summarize"]["dependentTasks"])
     assert "pretrain" in tasks["probe"]["dependentTasks"]
     assert {"pretrain", "tokenize"} <= set(tasks["pictures"]["dependentTasks"])
     assert spec["components"]["comp-pictures"]["outputDefinitions"]["artifacts"]["report"]["artifactType"][
@@ -37,7 +38,12 @@ def test_compiled_pipeline_chains_the_steps_and_mounts_the_workspace():
     assert tasks["materialize-data"]["cachingOptions"] == {}                     # never cached
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert all(e["pvcMount"][0]["mountPath"] == "/workspace" for e in executors.values()) and len(executors) == 9
-    assert executors["exec-materialize-data"]["secretAsEnv"][0]["optional"] is True
+    assert [secret["secretNameParameter"] for secret in executors["exec-materialize-data"]["secretAsEnv"]] == [
+        {"componentInputParameter": "dvc_secret"}, {"componentInputParameter": "git_secret"}]
+    assert all(secret["optional"] for secret in executors["exec-materialize-data"]["secretAsEnv"])
+    for component in ("comp-pretrain", "comp-finetune"):
+        assert spec["components"][component]["outputDefinitions"]["artifacts"]["curves"]["artifactType"][
+            "schemaTitle"] == "system.HTML"
     for name, executor in spec["deploymentSpec"]["executors"].items():
         assert executor["container"]["image"] == "ghcr.io/mapet-project/mapet:0.1.0", name
         assert "pip install" not in json.dumps(executor["container"]["command"]), name
@@ -70,7 +76,8 @@ def test_whole_pipeline_runs_under_kfp_local(pinned_repo, tmp_path, monkeypatch)
     [run] = list(root.iterdir())
     outputs = {p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()}
     for expected in ("validate/report", "build-tokenizer/codebook", "tokenize/report", "tokenize/tokens/tokens.npy",
-                     "pretrain/backbone", "pretrain/model", "pictures/report", "finetune/model"):
+                     "pretrain/backbone", "pretrain/model", "pretrain/curves", "pictures/report", "finetune/model",
+                     "finetune/curves", "summarize/summary"):
         assert expected in outputs, sorted(outputs)
     evaluated = json.loads((run / "evaluate" / "executor_output.json").read_text())["artifacts"]
     metrics = evaluated["metrics"]["artifacts"][0]["metadata"]
@@ -85,6 +92,10 @@ def test_whole_pipeline_runs_under_kfp_local(pinned_repo, tmp_path, monkeypatch)
         assert probe_metrics["test_images"] == 20 and 0 <= probe_metrics["knn_top1"] <= 1, name
     described = json.loads((run / "materialize-data" / "executor_output.json").read_text())["artifacts"]
     assert described["data"]["artifacts"][0]["metadata"]["data_md5"] == md5
+    assert "data:image/png;base64," in (run / "pretrain" / "curves").read_text()
+    summary = (run / "summarize" / "summary").read_text()
+    assert md5 in summary and "`pretrain.objective=mim`" in summary and f"| evaluation | top1 | {metrics['top1']:.4f} |" \
+        in summary
 
 
 class FakeKfpClient:

@@ -3,7 +3,9 @@ classifier on one split, as DVC metrics and plots."""
 
 from __future__ import annotations
 
+import base64
 import csv
+import html
 import os
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,19 @@ def save_figure(figure: plt.Figure, path: Path, dpi: int = 100) -> None:
     figure.savefig(partial, dpi=dpi)
     plt.close(figure)
     os.replace(partial, path)
+
+
+def write_html(out: Path, title: str, captions: dict[str, str]) -> None:
+    """out/index.html: the PNGs under ``out`` named in ``captions``, embedded, each with its caption
+    (one self-contained page, as Kubeflow's HTML artifacts want)."""
+    sections = "".join(
+        f"<figure><img alt=\"{name}\" style=\"max-width:100%\" src=\"data:image/png;base64,"
+        f"{base64.b64encode((out / name).read_bytes()).decode()}\">\n<figcaption>{html.escape(caption)}</figcaption>"
+        f"</figure>\n" for name, caption in captions.items())
+    partial = out / "index.html.partial"
+    partial.write_text(f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title></head>\n"
+                       f"<body style=\"font-family:sans-serif\">\n{sections}</body></html>\n")
+    partial.replace(out / "index.html")
 
 
 def run_evaluate(model_file: Path, data: Path, split: str, out: Path, crop_pct: float, batch_size: int = 256,

@@ -11,9 +11,7 @@ as pictures a person can judge.
 
 from __future__ import annotations
 
-import base64
 import colorsys
-import html
 import json
 from dataclasses import dataclass
 from itertools import islice
@@ -33,7 +31,7 @@ from safetensors import safe_open  # noqa: E402
 from mapet.data.dataset import read_manifest  # noqa: E402
 from mapet.data.reader import ShardDataset  # noqa: E402
 from mapet.data.transforms import normalize_batch, pretrain_transform  # noqa: E402
-from mapet.engine.evaluate import save_figure  # noqa: E402
+from mapet.engine.evaluate import save_figure, write_html  # noqa: E402
 from mapet.errors import MapetError  # noqa: E402
 from mapet.masking import default_num_predict, sample_orders  # noqa: E402
 from mapet.models import PretrainModel, load_pretrain_model  # noqa: E402
@@ -196,18 +194,6 @@ def plot_codebook(codes: list[int], windows: np.ndarray, corners: np.ndarray, pa
     save_figure(figure, path)
 
 
-def write_html(out: Path, captions: dict[str, str]) -> None:
-    """index.html: the PNGs under ``out`` named in ``captions``, embedded, each with its caption."""
-    sections = "".join(
-        f"<figure><img alt=\"{name}\" style=\"max-width:100%\" src=\"data:image/png;base64,"
-        f"{base64.b64encode((out / name).read_bytes()).decode()}\">\n<figcaption>{html.escape(caption)}</figcaption>"
-        f"</figure>\n" for name, caption in captions.items())
-    partial = out / "index.html.partial"
-    partial.write_text(f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>mapet pictures</title></head>\n"
-                       f"<body style=\"font-family:sans-serif\">\n{sections}</body></html>\n")
-    partial.replace(out / "index.html")
-
-
 def _check_model_tokens(model_file: Path, description: dict[str, Any], vocab_size: int, tokens_dir: Path) -> None:
     """The model must predict the codes of this token file's codebook (where its file says which)."""
     with safe_open(str(model_file), framework="pt") as handle:
@@ -256,7 +242,7 @@ def run_pictures(model_file: Path, data: Path, tokens_dir: Path, out: Path, sett
                   f"the {len(codes)} most used codes ({codebook}) and their share of all patches:\n"
                   f"{settings.split} image patches assigned to each (framed), with their surroundings",
                   out / "codebook.png")
-    write_html(out, {"predictions.png": f"What {model_file.name} predicts for the first {len(keys)} {settings.split} "
+    write_html(out, "mapet pictures", {"predictions.png": f"What {model_file.name} predicts for the first {len(keys)} {settings.split} "
                                         f"images at one prediction order (green right, red wrong, hatched context).",
                      "codebook.png": f"The {len(codes)} most used codes of {codebook}, each with {settings.split} "
                                      f"image patches assigned to it (framed)."})
