@@ -180,3 +180,16 @@ def test_pretraining_starts_from_an_imported_model(tokens, tmp_path):
     process = launch(wrong)
     output, _ = process.communicate(timeout=300)
     assert process.returncode != 0 and f"{init}: does not fit the model" in output
+
+
+@pytest.mark.slow
+def test_mapet_evaluate_runs_an_imported_classifier_with_the_data_class_names(tokens, tmp_path):
+    data, _ = tokens
+    source = save_official(tmp_path / "vit_standard.tar", official_state(classes=10))
+    model = tmp_path / "classifier.safetensors"
+    assert run("weights", "import", "--from", "official-mapet", source, "--out", model, "--classes-from", data) == 0
+    _, classes, _ = load_classifier(model)
+    assert classes[:2] == ["T-shirt/top", "Trouser"]
+    assert run("evaluate", "--model", model, "--data", data, "--split", "test", "--out", tmp_path / "evaluate") == 0
+    metrics = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
+    assert metrics["images"] == 16 and 0 <= metrics["top1"] <= 1 and metrics["imported"]["from"] == "official-mapet"
