@@ -4,6 +4,7 @@
     python benchmarks/compare.py --seeds 0 1 2 --objectives mapet plm mim
     python benchmarks/compare.py --out reports/compare-gpu --set pretrain.max_shards=0 --set pretrain.epochs=10
     python benchmarks/compare.py --report-only          # rebuild the tables from the experiments DVC holds
+    python benchmarks/compare.py --seeds 1 2 --merge    # add seeds to the committed tables
     python benchmarks/compare.py --direct /tmp/cmp --data D --tokens T --jobs 4   # no DVC: where it is not installed
 
 Every arm gets the same data, tokens, budget and fine-tuning recipe (the workspace's params.yaml
@@ -154,6 +155,8 @@ def main() -> int:
     parser.add_argument("--data", type=Path, help="--direct: the dataset folder")
     parser.add_argument("--tokens", type=Path, help="--direct: its token folder")
     parser.add_argument("--jobs", type=int, default=1, help="--direct: runs at a time")
+    parser.add_argument("--merge", action="store_true", help="keep the runs OUT/results.json holds already (other "
+                        "seeds, run elsewhere) beside the new ones")
     args = parser.parse_args()
 
     runs = [(objective, init, seed) for seed in args.seeds for objective, init in arms(args.objectives)]
@@ -201,7 +204,13 @@ def compare_direct(runs: list[tuple[str, str, int]], args: argparse.Namespace) -
 
 
 def write_tables(records: list[dict], args: argparse.Namespace) -> None:
-    records.sort(key=lambda r: ([*args.objectives, "none"].index(r["objective"]), r["seed"]))
+    """OUT/results.json and results.md; with --merge, the runs already there that these records
+    do not replace are kept (seeds run at another time or on another clone)."""
+    if args.merge and (args.out / "results.json").is_file():
+        new = {(r["objective"], r["init"], r["seed"]) for r in records}
+        records = [r for r in json.loads((args.out / "results.json").read_text())
+                   if (r["objective"], r["init"], r["seed"]) not in new] + records
+    records.sort(key=lambda r: ([*OBJECTIVES, "none"].index(r["objective"]), r["seed"]))
     seeds = sorted({r["seed"] for r in records})
     args.out.mkdir(parents=True, exist_ok=True)
     write_atomically(args.out / "results.json", json.dumps(records, indent=2) + "\n")

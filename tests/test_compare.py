@@ -59,3 +59,21 @@ def test_compare_direct_runs_the_stages_without_dvc(tokens, tmp_path):
     assert "objective: mim" in params and "embed_dim: 32" in params
     assert not (tmp_path / "work" / "cmp-scratch-s5" / "outputs" / "pretrain").exists()    # scratch: no pre-training
     assert "| mim | 1 |" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_merge_keeps_the_runs_of_other_seeds(tmp_path):
+    import argparse
+
+    from benchmarks.compare import write_tables
+
+    def run(objective, init, seed, top1):
+        return {"objective": objective, "init": init, "seed": seed, "top1": top1, "top5": 1.0, "knn_top1": 0.5,
+                "linear_top1": 0.5, "loss": None if init == "scratch" else 2.0}
+
+    args = argparse.Namespace(out=tmp_path, merge=True, set=[], objectives=["mapet"])
+    write_tables([run("mapet", "pretrained", 0, 0.70), run("none", "scratch", 0, 0.60)], args)
+    write_tables([run("mapet", "pretrained", 1, 0.74), run("mapet", "pretrained", 0, 0.72)], args)
+    records = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["objective"], r["seed"], r["top1"]) for r in records] == [
+        ("mapet", 0, 0.72), ("mapet", 1, 0.74), ("none", 0, 0.60)]                   # seed 0 replaced, scratch kept
+    assert "Seeds 0, 1;" in (tmp_path / "results.md").read_text()
