@@ -79,11 +79,22 @@ def test_manifest_has_one_row_per_image_with_its_facts(dataset):
                                       "sha256", "width", "height", "mode"]
     assert len(manifest) == 24 and set(manifest["split"]) == {"train", "val"}
     row = manifest.iloc[0]
-    assert (row.class_name, row.width, row.height, row["mode"]) == ("cat", 32, 32, "RGB")
-    assert (row.key, row.source_path) == ("train_00000000", "train/cat/000.png")
-    assert manifest["source_path"].iloc[-1] == "val/fox/003.png"
+    assert (row.width, row.height, row["mode"]) == (32, 32, "RGB") and row.key == "train_00000000"
+    assert row.source_path == f"train/{row.class_name}/{row.source_path.split('/')[-1]}"
+    assert sorted(manifest["source_path"]) == sorted(f"{split}/{name}/{i:03d}.png" for split in ("train", "val")
+                                                     for name in CLASSES for i in range(4))
     assert row.shard == "shards/train-00000.tar"
     assert manifest.groupby("split")["shard"].nunique().to_dict() == {"train": 4, "val": 4}
+
+
+def test_shards_and_the_first_images_mix_the_classes(tmp_path):
+    image_folder(tmp_path / "src", per_class=8)                       # folders sorted by class, 8 of each
+    params = write_params(tmp_path)
+    assert main(["data", "import", "--params", str(params)]) == 0
+    train = read_manifest(tmp_path / "data").query("split == 'train'")
+    classes_per_shard = train.groupby("shard")["class_name"].nunique()
+    assert classes_per_shard.mean() > 2                                 # shards of 3: not one class each
+    assert train["class_name"].iloc[:12].nunique() == 3                # max_per_split's first N: every class
 
 
 def test_import_is_deterministic(tmp_path):
@@ -147,13 +158,23 @@ def rewrite_shard(path: Path, key: str, image: bytes | None = None) -> None:
             tar.addfile(member, io.BytesIO(data))
 
 
+def named(manifest, source_path: str) -> str:
+    """How validation names an image: its path in the source, then its key."""
+    return f"{source_path} ({manifest.set_index('source_path').loc[source_path, 'key']})"
+
+
+def shard_and_key(root: Path, source_path: str) -> tuple[Path, str]:
+    row = read_manifest(root).set_index("source_path").loc[source_path]
+    return root / row["shard"], row["key"]
+
+
 def test_image_missing_from_its_shard(dataset, capsys):
     tmp_path, params = dataset
-    rewrite_shard(tmp_path / "data" / "shards" / "val-00001.tar", "val_00000004")
+    rewrite_shard(*shard_and_key(tmp_path / "data", "val/dog/000.png"))
     code, failed, captured = run_validate(params, capsys)
-    assert code == 2 and failed == {"shard: every listed image is present in its shard": ["val/dog/000.png (val_00000004)"]}
-    assert ("FAIL shard: every listed image is present in its shard: 1 offending (val/dog/000.png (val_00000004))"
-            in captured.out)
+    offender = named(read_manifest(tmp_path / "data"), "val/dog/000.png")
+    assert code == 2 and failed == {"shard: every listed image is present in its shard": [offender]}
+    assert f"FAIL shard: every listed image is present in its shard: 1 offending ({offender})" in captured.out
 
 
 @pytest.mark.parametrize("replacement,rules", [
@@ -162,13 +183,14 @@ def test_image_missing_from_its_shard(dataset, capsys):
 ])
 def test_image_changed_inside_its_shard(dataset, capsys, replacement, rules):
     tmp_path, params = dataset
-    rewrite_shard(tmp_path / "data" / "shards" / "train-00002.tar", "train_00000007", replacement)
+    rewrite_shard(*shard_and_key(tmp_path / "data", "train/dog/003.png"), replacement)
     code, failed, _ = run_validate(params, capsys)
+    offender = named(read_manifest(tmp_path / "data"), "train/dog/003.png")
     assert code == 2 and list(failed) == rules
-    assert failed["shard: sha256 matches the manifest"] == ["train/dog/003.png (train_00000007)"]
+    assert failed["shard: sha256 matches the manifest"] == [offender]
     if "shard: every image decodes" in failed:
-        [offender] = failed["shard: every image decodes"]
-        assert offender.startswith("train/dog/003.png (train_00000007): cannot be decoded as an image")
+        [problem] = failed["shard: every image decodes"]
+        assert problem.startswith(f"{offender}: cannot be decoded as an image")
 
 
 def edit_manifest(root: Path, edit) -> None:
@@ -180,9 +202,11 @@ def edit_manifest(root: Path, edit) -> None:
 
 def test_label_outside_class_list(dataset, capsys):
     tmp_path, params = dataset
-    edit_manifest(tmp_path / "data", lambda t: t.__setitem__("label", t["label"].where(t["key"] != "train_00000002", 7)))
+    edit_manifest(tmp_path / "data",
+                  lambda t: t.__setitem__("label", t["label"].where(t["source_path"] != "train/cat/002.png", 7)))
     code, failed, _ = run_validate(params, capsys)
-    assert code == 2 and failed == {"label: within the class list": ["train/cat/002.png (train_00000002)"]}
+    offender = named(read_manifest(tmp_path / "data"), "train/cat/002.png")
+    assert code == 2 and failed == {"label: within the class list": [offender]}
 
 
 def import_and_validate(tmp_path, capsys, extra_files, **limits):
@@ -201,23 +225,21 @@ def test_duplicate_across_splits_is_leakage(tmp_path, capsys):
     leaked = png(2)  # the second image written by image_folder: train/cat/001.png
     failed, manifest = import_and_validate(tmp_path, capsys, {"val/fox/leaked.png": leaked})
     assert list(failed) == ["leakage: no image in more than one split"]
-    expected = manifest[manifest["sha256"] == manifest[manifest["key"] == "val_00000012"]["sha256"].item()]["key"]
-    assert sorted(expected) == ["train_00000001", "val_00000012"]
+    train, val = named(manifest, "train/cat/001.png"), named(manifest, "val/fox/leaked.png")
     assert sorted(failed["leakage: no image in more than one split"]) == [
-        "train/cat/001.png (train_00000001), same image as val/fox/leaked.png (val_00000012)",
-        "val/fox/leaked.png (val_00000012), same image as train/cat/001.png (train_00000001)"]
+        f"{train}, same image as {val}", f"{val}, same image as {train}"]
 
 
 def test_duplicate_within_split(tmp_path, capsys):
-    failed, _ = import_and_validate(tmp_path, capsys, {"train/cat/copy.png": png(1)})
-    assert failed == {"duplicates: no image twice within a split": [
-        "train/cat/000.png (train_00000000), same image as train/cat/copy.png (train_00000004)",
-        "train/cat/copy.png (train_00000004), same image as train/cat/000.png (train_00000000)"]}
+    failed, manifest = import_and_validate(tmp_path, capsys, {"train/cat/copy.png": png(1)})
+    first, copy = named(manifest, "train/cat/000.png"), named(manifest, "train/cat/copy.png")
+    assert {key: sorted(value) for key, value in failed.items()} == {"duplicates: no image twice within a split": sorted([
+        f"{first}, same image as {copy}", f"{copy}, same image as {first}"])}
 
 
 def test_image_below_minimum_size(tmp_path, capsys):
-    failed, _ = import_and_validate(tmp_path, capsys, {"val/dog/tiny.png": png(7, size=(8, 40))})
-    assert failed == {"size: width within 16..64": ["val/dog/tiny.png (val_00000008)"]}
+    failed, manifest = import_and_validate(tmp_path, capsys, {"val/dog/tiny.png": png(7, size=(8, 40))})
+    assert failed == {"size: width within 16..64": [named(manifest, "val/dog/tiny.png")]}
 
 
 def test_class_counts_and_balance(tmp_path, capsys):
@@ -243,14 +265,15 @@ def test_report_and_messages_name_source_files(tmp_path, capsys):
     assert set(failed) == {"import: every source file could be read", "duplicates: no image twice within a split",
                            "leakage: no image in more than one split"}
     assert failed["import: every source file could be read"][0].startswith("train/fox/broken.png (cannot be decoded")
-    assert failed["duplicates: no image twice within a split"] == [
-        "train/dog/000.png (train_00000004), same image as train/dog/again.png (train_00000008)",
-        "train/dog/again.png (train_00000008), same image as train/dog/000.png (train_00000004)"]
-    assert "val/fox/leaked.png (val_00000012), same image as train/cat/001.png (train_00000001)" in \
-        failed["leakage: no image in more than one split"]
+    manifest = read_manifest(tmp_path / "data")
+    dog, again = named(manifest, "train/dog/000.png"), named(manifest, "train/dog/again.png")
+    assert sorted(failed["duplicates: no image twice within a split"]) == sorted([
+        f"{dog}, same image as {again}", f"{again}, same image as {dog}"])
+    leaked, original = named(manifest, "val/fox/leaked.png"), named(manifest, "train/cat/001.png")
+    assert f"{leaked}, same image as {original}" in failed["leakage: no image in more than one split"]
     page = (tmp_path / "report" / "validation.html").read_text()
     assert all(name in page for name in extra)
-    assert "val/fox/leaked.png (val_00000012)" in captured.out
+    assert leaked in captured.out
 
 
 def test_manifest_without_source_paths_names_images_by_key(dataset, capsys):
@@ -302,8 +325,8 @@ def test_round_trip_import_to_reader(dataset):
     for row in rows.itertuples():
         label, image = seen[row.key]
         assert label == row.label and image.size == (row.width, row.height) and image.mode == "RGB"
-    source = Image.open(tmp_path / "src" / "val" / "cat" / "000.png")
-    assert np.array_equal(np.asarray(seen["val_00000000"][1]), np.asarray(source))
+    for row in rows.itertuples():                                          # every image, pixel for pixel
+        assert np.array_equal(np.asarray(seen[row.key][1]), np.asarray(Image.open(tmp_path / "src" / row.source_path)))
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])

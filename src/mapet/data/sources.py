@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import random
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -88,7 +89,12 @@ def fashion_mnist(source: Path, max_per_split: dict[str, int]) -> Source:
 
 
 def image_folder(source: Path, max_per_split: dict[str, int]) -> Source:
-    """SOURCE/<split>/<class>/<image> (the ImageNet layout); classes are the sorted class folders."""
+    """SOURCE/<split>/<class>/<image> (the ImageNet layout); classes are the sorted class folders.
+
+    The images of a split go in one fixed pseudo-random order (seeded by the split's name, so a
+    re-import writes the same shards): every shard mixes the classes, as do the batches that
+    DataLoader workers read from one shard at a time, and the first N of ``max_per_split`` are a
+    sample of every class rather than the first classes alone."""
     if not source.is_dir():
         raise MapetError(f"{source}: not a folder (expected SOURCE/<split>/<class>/<image>)")
     splits = sorted(path for path in source.iterdir() if path.is_dir())
@@ -101,6 +107,8 @@ def image_folder(source: Path, max_per_split: dict[str, int]) -> Source:
     files = {split.name: sorted(path for path in split.glob("*/*")
                                 if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
              for split in splits}
+    for split, paths in files.items():
+        random.Random(f"mapet-import-{split}").shuffle(paths)
 
     def generate() -> Iterator[SourceImage]:
         for split, paths in files.items():
