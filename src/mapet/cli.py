@@ -37,6 +37,19 @@ def _weights_import(args: argparse.Namespace) -> None:
     print("wrote " + import_official_mapet(Path(args.source), Path(args.out), classes, args.num_heads))
 
 
+def _promote(args: argparse.Namespace) -> None:
+    from mapet.registry import promote, write_decision
+
+    params = load_params(args.params)
+    decision = promote(Path(args.repo), args.rev, Path(args.data or param(params, "data.dir")),
+                       param(params, "pipeline.promotion.stage"), float(param(params, "pipeline.promotion.min_delta")),
+                       param(params, "evaluate.crop_pct"))
+    write_decision(decision, Path(args.out))
+    verdict = f"promoted to {decision.stage!r}" if decision.promoted else "registered, not promoted"
+    print(f"classifier {decision.candidate_version} at {decision.candidate_revision[:12]}: {verdict}. "
+          f"{decision.reason[0].upper()}{decision.reason[1:]}. Wrote {Path(args.out) / 'decision.md'}")
+
+
 def _params(args: argparse.Namespace) -> None:
     import yaml
 
@@ -384,6 +397,16 @@ def build_parser() -> argparse.ArgumentParser:
     importer.add_argument("--classes-from", metavar="DATA", help="a dataset folder whose class names (by label) the "
                           "classifier's outputs take (default: class_0, class_1, ...)")
     importer.add_argument("--num-heads", type=int, help="attention heads (default: width / 64, as standard ViTs)")
+
+    promote_command = command(commands, "promote", _promote,
+                              "Register a committed run's classifier and backbone (GTO) and move them to the "
+                              "stage when the classifier beats the champion there by pipeline.promotion.min_delta.")
+    promote_command.add_argument("--rev", default="HEAD", help="the committed run (default: %(default)s)")
+    promote_command.add_argument("--repo", default=".", help="the git repository (default: %(default)s)")
+    promote_command.add_argument("--data", help="the dataset a champion evaluated on other data is evaluated on "
+                                 "again (default: data.dir)")
+    promote_command.add_argument("--out", default="outputs/promotion", help="decision.json and decision.md "
+                                 "(default: %(default)s)")
 
     export = command(commands, "export", _export,
                      "Write a pre-trained model's backbone as a timm-loadable safetensors file.")
