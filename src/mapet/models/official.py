@@ -36,7 +36,7 @@ CLASSIFIER_KEYS = {"fc_norm.weight", "fc_norm.bias", "norm.weight", "norm.bias",
 PRETRAIN_KEYS = {"norm.weight", "norm.bias", "mask_positional_token", "decoder.weight", "decoder.bias"}
 
 
-def read_official_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     """(state dict, where in the file it was). The file is read with torch's safe unpickler
     (tensors, containers and the argparse Namespace of the training arguments only)."""
     path = Path(path)
@@ -120,7 +120,7 @@ def import_official_mapet(source: Path, out: Path, classes: list[str] | None = N
     from mapet.models import create_pretrain_model, load_weights, save_classifier, save_pretrain_model
 
     source, out = Path(source), Path(out)
-    state, where = read_official_checkpoint(source)
+    state, where = read_state_dict(source)
     arguments = vit_arguments(state, source, num_heads)
     name = timm_name(arguments)
     provenance = {"imported": {"from": "official-mapet", "source": str(source), "sha256": file_sha256(source),

@@ -193,12 +193,12 @@ class VQKDEncoder(PatchEncoder):
         import timm
 
         from mapet.models import load_weights
-        from mapet.models.official import read_official_checkpoint
+        from mapet.models.official import read_state_dict
 
         if not pretrained or not Path(pretrained).is_file():
             raise MapetError(f"tokenizer.encoder.pretrained: {'no VQ-KD checkpoint at ' + repr(pretrained) if pretrained else 'not set'}; "
                              f"download {VQKD_RELEASE} and set tokenizer.encoder.pretrained to its path")
-        state, _ = read_official_checkpoint(Path(pretrained))
+        state, _ = read_state_dict(Path(pretrained))
         state = {key: value for key, value in state.items() if not key.startswith(self.UNUSED)}
         for key in ("encoder.patch_embed.proj.weight", "encoder.pos_embed", "encode_task_layer.2.weight",
                     "quantize.embedding.weight"):
