@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from mapet.files import write_json, write_text
 
 OBJECTIVES = ("mapet", "plm", "mim")
 PROBE = {"pretrained": "outputs/probe/metrics.json", "scratch": "outputs/probe_scratch/metrics.json"}
@@ -137,12 +138,6 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -213,9 +208,9 @@ def write_tables(records: list[dict], args: argparse.Namespace) -> None:
     records.sort(key=lambda r: ([*OBJECTIVES, "none"].index(r["objective"]), r["seed"]))
     seeds = sorted({r["seed"] for r in records})
     args.out.mkdir(parents=True, exist_ok=True)
-    write_atomically(args.out / "results.json", json.dumps(records, indent=2) + "\n")
+    write_json(args.out / "results.json", records)
     overrides = ", ".join(f"`{setting}`" for setting in args.set) or "none"
-    write_atomically(args.out / "results.md", f"# Objectives compared\n\nSeeds {', '.join(map(str, seeds))}; "
+    write_text(args.out / "results.md", f"# Objectives compared\n\nSeeds {', '.join(map(str, seeds))}; "
                      f"overrides of params.yaml: {overrides}. Top-1/top-5: the fine-tuned classifier on the test "
                      f"split; k-NN and linear: the frozen backbone (`mapet probe`, average-pooled patches); loss: "
                      f"pre-training's last step.\n\n" + table(records))

@@ -24,8 +24,8 @@ def official_state(dim=DIM, depth=DEPTH, patch=PATCH, image=IMAGE, classes=5, vo
     def rand(*shape, scale=0.2):
         return torch.randn(*shape, generator=generator) * scale
 
-    tokens = 1 + (image // patch) ** 2
-    state = {"cls_token": rand(1, 1, dim), "pos_embed": rand(1, tokens, dim),
+    positions = 1 + (image // patch) ** 2
+    state = {"cls_token": rand(1, 1, dim), "pos_embed": rand(1, positions, dim),
              "patch_embed.proj.weight": rand(dim, 3, patch, patch, scale=0.05), "patch_embed.proj.bias": rand(dim)}
     for i in range(depth):
         block = f"blocks.{i}."

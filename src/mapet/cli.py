@@ -53,6 +53,7 @@ def _promote(args: argparse.Namespace) -> None:
 def _params(args: argparse.Namespace) -> None:
     import yaml
 
+    from mapet.files import write_text
     from mapet.params import resolve_params, set_param
 
     load_params(args.params)                                            # the file as it is must be sound
@@ -65,10 +66,7 @@ def _params(args: argparse.Namespace) -> None:
         print(yaml.safe_dump({k: v for k, v in effective.items() if k not in ("_path", "presets")}, sort_keys=False),
               end="")
         return
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    partial = args.out.with_name(args.out.name + ".partial")
-    partial.write_text(yaml.safe_dump(document, sort_keys=False))
-    os.replace(partial, args.out)
+    write_text(args.out, yaml.safe_dump(document, sort_keys=False))
     preset = f", preset {document['preset']!r}" if document.get("preset") else ""
     print(f"wrote {args.out}: {args.params} with {len(args.set)} override(s){preset}")
 
@@ -258,7 +256,7 @@ def _probe(args: argparse.Namespace) -> None:
     import torch
 
     from mapet.data.dataset import read_description
-    from mapet.engine.common import write_json
+    from mapet.files import write_json
     from mapet.engine.probe import ProbeSettings, plot_probe, run_probe
     from mapet.models import load_backbone_file
 

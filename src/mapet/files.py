@@ -1,9 +1,13 @@
-"""Small file helpers shared by the stages."""
+"""Small file helpers shared by the stages: a write lands whole or not at all (a temporary name,
+then a rename), so an interrupted command never leaves a half-written file behind."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from pathlib import Path
+from typing import Any
 
 
 def file_sha256(path: Path) -> str:
@@ -12,3 +16,15 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def write_json(path: Path, document: Any) -> None:
+    write_text(path, json.dumps(document, indent=2) + "\n")

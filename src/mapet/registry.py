@@ -166,10 +166,7 @@ def decision_markdown(decision: Decision) -> str:
 
 
 def write_decision(decision: Decision, out: Path) -> None:
-    from mapet.engine.common import write_json
+    from mapet.files import write_json, write_text
 
-    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "decision.json", asdict(decision))
-    partial = out / "decision.md.partial"
-    partial.write_text(decision_markdown(decision))
-    partial.replace(out / "decision.md")
+    write_text(out / "decision.md", decision_markdown(decision))

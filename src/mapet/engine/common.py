@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -20,6 +18,7 @@ from tqdm import tqdm
 
 from mapet.engine.optim import warmup_cosine
 from mapet.errors import MapetError
+from mapet.files import write_text
 from mapet.params import build_settings, check_model
 
 LATEST = "latest"
@@ -122,12 +121,6 @@ def micro_batch_seed(seed: int, step: int, micro: int, accum: int, world: int, r
     return seed * 1_000_003 + (step * accum + micro) * world + rank
 
 
-def write_json(path: Path, document: Any) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(document, indent=2) + "\n")
-    os.replace(partial, path)
-
-
 def checkpoint(engine, folder: Path, step: int, history: list, rank: int, keep: int) -> None:
     """Every rank writes its part; only then does rank 0 point ``latest`` at it."""
     tag = f"step{step:08d}"
@@ -135,9 +128,7 @@ def checkpoint(engine, folder: Path, step: int, history: list, rank: int, keep: 
                            save_latest=False)
     dist.barrier()
     if rank == 0:
-        partial = folder / (LATEST + ".partial")
-        partial.write_text(tag)
-        os.replace(partial, folder / LATEST)
+        write_text(folder / LATEST, tag)
         for old in sorted(p for p in folder.glob("step*") if p.is_dir())[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()

@@ -21,7 +21,7 @@ from tqdm import tqdm  # noqa: E402
 
 from mapet.data.reader import ShardDataset  # noqa: E402
 from mapet.data.transforms import eval_transform  # noqa: E402
-from mapet.engine.common import write_json  # noqa: E402
+from mapet.files import write_json, write_text  # noqa: E402
 from mapet.models import load_classifier  # noqa: E402
 
 
@@ -74,10 +74,8 @@ def write_html(out: Path, title: str, captions: dict[str, str]) -> None:
         f"<figure><img alt=\"{name}\" style=\"max-width:100%\" src=\"data:image/png;base64,"
         f"{base64.b64encode((out / name).read_bytes()).decode()}\">\n<figcaption>{html.escape(caption)}</figcaption>"
         f"</figure>\n" for name, caption in captions.items())
-    partial = out / "index.html.partial"
-    partial.write_text(f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title></head>\n"
-                       f"<body style=\"font-family:sans-serif\">\n{sections}</body></html>\n")
-    partial.replace(out / "index.html")
+    write_text(out / "index.html", f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title></head>\n"
+               f"<body style=\"font-family:sans-serif\">\n{sections}</body></html>\n")
 
 
 def run_evaluate(model_file: Path, data: Path, split: str, out: Path, crop_pct: float, batch_size: int = 256,

@@ -20,11 +20,12 @@ from mapet.data.dataset import read_description, read_manifest
 from mapet.data.reader import ShardDataset
 from mapet.data.transforms import finetune_transform
 from mapet.engine.common import (fp32_state_dict, make_engine, plan_steps, resume_state, select_shards,
-                                 train_steps, write_json)
+                                 train_steps)
 from mapet.engine.distributed import init_distributed, teardown
 from mapet.engine.optim import parameter_groups
 from mapet.engine.probe import extract_features, fit_linear
 from mapet.errors import MapetError
+from mapet.files import write_json
 from mapet.models import load_backbone, save_classifier
 
 

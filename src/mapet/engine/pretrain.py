@@ -25,11 +25,12 @@ from mapet.data.dataset import read_manifest
 from mapet.data.reader import ShardDataset, collate_encoded
 from mapet.data.transforms import decode_center_square, normalize_batch, pretrain_transform
 from mapet.engine.common import (fp32_state_dict, make_engine, plan_steps, resume_state, select_shards,
-                                 train_steps, write_json)
+                                 train_steps)
 from mapet.engine.distributed import init_distributed, teardown
 from mapet.engine.optim import parameter_groups
 from mapet.engine.probe import ProbeSettings, knn_monitor
 from mapet.errors import MapetError
+from mapet.files import write_json
 from mapet.masking import default_num_predict, sample_orders
 from mapet.models import create_pretrain_model, init_pretrain_model, save_backbone, save_pretrain_model
 from mapet.tokenizers.tokens import load_tokens

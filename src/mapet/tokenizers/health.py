@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from mapet.files import write_json  # noqa: E402
 
 
 def codebook_health(tokens: np.ndarray, k: int) -> tuple[dict[str, Any], np.ndarray]:
@@ -28,9 +29,7 @@ def codebook_health(tokens: np.ndarray, k: int) -> tuple[dict[str, Any], np.ndar
 def write_health(metrics: dict[str, Any], counts: np.ndarray, out: Path, encoder_name: str) -> None:
     """health.json (DVC metrics), cluster_sizes.png (the histogram) and codebook.md (the report)."""
     out.mkdir(parents=True, exist_ok=True)
-    partial = out / "health.json.partial"
-    partial.write_text(json.dumps(metrics, indent=2) + "\n")
-    os.replace(partial, out / "health.json")
+    write_json(out / "health.json", metrics)
 
     figure, (histogram, ranked) = plt.subplots(1, 2, figsize=(10, 3.8))
     histogram.hist(counts, bins=min(50, max(counts.max(), 1)), color="#3a6ea5")

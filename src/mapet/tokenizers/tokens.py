@@ -24,17 +24,11 @@ from tqdm import tqdm
 from mapet.data.dataset import MANIFEST, read_manifest
 from mapet.data.reader import ShardDataset
 from mapet.errors import MapetError
-from mapet.files import file_sha256
+from mapet.files import file_sha256, write_json
 from mapet.tokenizers.codebook import Codebook, nearest
 from mapet.tokenizers.encoders import PatchEncoder
 
 TOKENS, DESCRIPTION, PARTIAL, PROGRESS = "tokens.npy", "tokens.json", "tokens.npy.partial", "tokens.progress.json"
-
-
-def _write_json(path: Path, document: dict[str, Any]) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(document, indent=2) + "\n")
-    os.replace(partial, path)
 
 
 def tokenize_dataset(encoder: PatchEncoder, codebook: Codebook, codebook_path: Path, data: Path, out: Path,
@@ -75,12 +69,12 @@ def tokenize_dataset(encoder: PatchEncoder, codebook: Codebook, codebook_path: P
                 if finished:
                     tokens.flush()
                     done.extend(finished)
-                    _write_json(out / PROGRESS, {**description, "done_shards": sorted(done)})
+                    write_json(out / PROGRESS, {**description, "done_shards": sorted(done)})
                 bar.update(len(keys))
     tokens.flush()
     del tokens
     os.replace(out / PARTIAL, out / TOKENS)
-    _write_json(out / DESCRIPTION, description)
+    write_json(out / DESCRIPTION, description)
     (out / PROGRESS).unlink(missing_ok=True)
     return description
 
@@ -94,7 +88,7 @@ def _open_partial(out: Path, description: dict[str, Any], shape: tuple[int, int]
         if {key: progress.get(key) for key in description} == description:
             return np.lib.format.open_memmap(out / PARTIAL, mode="r+"), list(progress["done_shards"])
     tokens = np.lib.format.open_memmap(out / PARTIAL, mode="w+", dtype=np.uint16, shape=shape)
-    _write_json(progress_path, {**description, "done_shards": []})
+    write_json(progress_path, {**description, "done_shards": []})
     return tokens, []
 
 

@@ -3,27 +3,19 @@
 from __future__ import annotations
 
 import html
-import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
+from mapet import files
 from mapet.validation import RuleResult
 
 SHOWN_OFFENDERS = 20
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
 def write_json(results: list[RuleResult], dataset: Path, path: Path) -> None:
     document = {"dataset": str(dataset), "success": all(r.success for r in results),
                 "rules_failed": sum(not r.success for r in results), "rules": [asdict(r) for r in results]}
-    _write_atomically(path, json.dumps(document, indent=2) + "\n")
+    files.write_json(path, document)
 
 
 def write_html(results: list[RuleResult], dataset: Path, path: Path) -> None:
@@ -50,7 +42,7 @@ tr.fail td:first-child {{ color: #b00; font-weight: bold; }} tr.pass td:first-ch
 {chr(10).join(rows)}
 </table></body></html>
 """
-    _write_atomically(path, page)
+    files.write_text(path, page)
 
 
 def summary(results: list[RuleResult], dataset: Path) -> str:
