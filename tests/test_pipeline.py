@@ -26,18 +26,31 @@ def test_committed_pipeline_yaml_is_current(tmp_path, monkeypatch):
 
 def test_compiled_pipeline_chains_the_steps_and_mounts_the_workspace():
     spec, platform = yaml.safe_load_all(COMPILED.read_text())
-    tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"materialize-data", "validate", "build-tokenizer", "tokenize", "pretrain", "probe",
-                          "pictures", "finetune", "evaluate", "summarize"}
-    assert {"pretrain", "probe", "finetune", "evaluate"} <= set(tasks["summarize"]["dependentTasks"])
-    assert "pretrain" in tasks["probe"]["dependentTasks"]
-    assert {"pretrain", "tokenize"} <= set(tasks["pictures"]["dependentTasks"])
+    root = spec["root"]["dag"]["tasks"]
+    assert set(root) == {"materialize-data", "validate", "check-registry", "condition-1"}
+    assert root["check-registry"]["inputs"]["parameters"]["fingerprint"]["taskOutputParameter"] == {
+        "outputParameterKey": "Output", "producerTask": "materialize-data"}
+    assert root["condition-1"]["triggerPolicy"]["condition"] == \
+        "inputs.parameter_values['pipelinechannel--check-registry-Output'] == 'train'"
+    assert set(spec["components"]["comp-condition-1"]["dag"]["tasks"]) == {"train-and-promote"}
+    trained = spec["components"]["comp-train-and-promote"]                      # what a registered fingerprint skips
+    tasks = trained["dag"]["tasks"]
+    assert set(tasks) == {"build-tokenizer", "tokenize", "pretrain", "probe", "pictures", "finetune", "evaluate",
+                          "promotion-gate", "summarize"}
+    assert {"evaluate", "finetune", "pretrain"} <= set(tasks["promotion-gate"]["dependentTasks"])
+    assert "promotion-gate" in tasks["summarize"]["dependentTasks"]
+    for uncached in ("check-registry", "materialize-data"):
+        assert root[uncached]["cachingOptions"] == {}, uncached
+    assert tasks["promotion-gate"]["cachingOptions"] == {}
+    for gpu_step in ("build-tokenizer", "tokenize", "probe", "finetune"):   # the setting's channel reaches the step
+        assert tasks[gpu_step]["inputs"]["parameters"]["pipelinechannel--step_gpus"] == {
+            "componentInputParameter": "step_gpus"}, gpu_step
+    assert "step_gpus" in trained["inputDefinitions"]["parameters"]
     assert spec["components"]["comp-pictures"]["outputDefinitions"]["artifacts"]["report"]["artifactType"][
         "schemaTitle"] == "system.HTML"
     assert tasks["pretrain"]["retryPolicy"]["maxRetryCount"] == 2
-    assert tasks["materialize-data"]["cachingOptions"] == {}                     # never cached
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert all(e["pvcMount"][0]["mountPath"] == "/workspace" for e in executors.values()) and len(executors) == 9
+    assert all(e["pvcMount"][0]["mountPath"] == "/workspace" for e in executors.values()) and len(executors) == 11
     assert [secret["secretNameParameter"] for secret in executors["exec-materialize-data"]["secretAsEnv"]] == [
         {"componentInputParameter": "dvc_secret"}, {"componentInputParameter": "git_secret"}]
     assert all(secret["optional"] for secret in executors["exec-materialize-data"]["secretAsEnv"])
@@ -50,7 +63,7 @@ def test_compiled_pipeline_chains_the_steps_and_mounts_the_workspace():
 
 
 @pytest.mark.slow
-def test_whole_pipeline_runs_under_kfp_local(pinned_repo, tmp_path, monkeypatch):
+def test_whole_pipeline_runs_under_kfp_local_then_skips_the_unchanged_run(pinned_repo, tmp_path, monkeypatch):
     from kfp import local
 
     from pipelines.mapet_pipeline import mapet_pipeline
@@ -61,8 +74,9 @@ def test_whole_pipeline_runs_under_kfp_local(pinned_repo, tmp_path, monkeypatch)
     root = tmp_path / "pipeline-root"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     workspace = tmp_path / "workspace"
-    mapet_pipeline(repo_url=str(pinned_repo), git_rev="main", dvc_remote=str(pinned_repo / ".dvc" / "cache"),
-                   workspace=str(workspace), backend="local", param_overrides=["pretrain.objective=mim"])
+    arguments = {"repo_url": str(pinned_repo), "git_rev": "main", "dvc_remote": str(pinned_repo / ".dvc" / "cache"),
+                 "workspace": str(workspace), "backend": "local", "param_overrides": ["pretrain.objective=mim"]}
+    mapet_pipeline(**arguments)
 
     md5 = yaml.safe_load((pinned_repo / "data.dvc").read_text())["outs"][0]["md5"].removesuffix(".dir")
     data = workspace / "data" / md5
@@ -96,6 +110,23 @@ def test_whole_pipeline_runs_under_kfp_local(pinned_repo, tmp_path, monkeypatch)
     summary = (run / "summarize" / "summary").read_text()
     assert md5 in summary and "`pretrain.objective=mim`" in summary and f"| evaluation | top1 | {metrics['top1']:.4f} |" \
         in summary
+
+    fingerprint = described["data"]["artifacts"][0]["metadata"]["fingerprint"]
+    assert "# Training" in (run / "check-registry" / "report").read_text()
+    gate = json.loads((run / "promotion-gate" / "executor_output.json").read_text())["artifacts"]["metrics"]
+    assert gate["artifacts"][0]["metadata"] == {"promoted": 1.0, "candidate_top1": metrics["top1"], "min_delta": 0.005}
+    assert "## Promotion to 'prod': **promoted**" in summary and "the first model is promoted" in summary
+    [record] = [json.loads(path.read_text()) for path in (workspace / "registry" / "mapet").glob("*.json")]
+    assert (record["version"], record["stage"], record["fingerprint"], record["top1"]) == (
+        "v1", "prod", fingerprint, metrics["top1"])
+    assert record["uri"] == str(run / "finetune" / "model") and Path(record["classifier_path"]).is_file()
+
+    mapet_pipeline(**arguments)                              # same commit, data and parameters: nothing to train
+    [skipped] = [path for path in root.iterdir() if path != run]
+    assert sorted(path.name for path in skipped.iterdir()) == ["check-registry", "materialize-data", "validate"]
+    report = (skipped / "check-registry" / "report").read_text()
+    assert report.startswith("# Skipped: nothing changed") and "| registered as | v1 (stage: prod" in report
+    assert len(list((workspace / "registry" / "mapet").glob("*.json"))) == 1
 
 
 class FakeKfpClient:

@@ -17,12 +17,7 @@ def repo(tmp_path, monkeypatch):
     for name, value in GIT_IDENTITY.items():
         monkeypatch.setenv(name, value)
     (tmp_path / "repo").mkdir()
-    repo = make_pinned_repo(tmp_path / "repo")
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["pipeline"] = {"promotion": {"stage": "prod", "min_delta": 0.005}}
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh("git", "commit", "--quiet", "-am", "promotion settings", cwd=repo)
-    return repo
+    return make_pinned_repo(tmp_path / "repo")
 
 
 def commit_run(repo, top1: float, classifier: bool = False, data_md5: str | None = None) -> str:

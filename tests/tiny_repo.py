@@ -35,6 +35,7 @@ TINY_PARAMS = {
                  "workers": 1, "max_shards": 4, "checkpoint_every": 2, "out_dir": "outputs/finetune"},
     "evaluate": {"split": "test", "crop_pct": 0.875, "batch_size": 8, "workers": 0, "out_dir": "outputs/evaluate"},
     "presets": {"paper": {"pretrain": {"epochs": 300}}},
+    "pipeline": {"promotion": {"stage": "prod", "min_delta": 0.005}},
 }
 GIT_IDENTITY = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
                 "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}

@@ -17,6 +17,8 @@ from typing import Any
 import yaml
 
 from components.runtime import StepError, mapet
+from mapet.params import load_params
+from mapet.retraining import code_revision, fingerprint
 
 COMPLETE = ".complete"
 
@@ -90,7 +92,8 @@ def pinned_md5(checkout: Path) -> str:
 
 def materialize(repo_url: str, git_rev: str, workspace: str | Path, dvc_remote: str, overrides: list[str],
                 params_out: str | Path, git_secret: str = "mapet-git") -> dict[str, Any]:
-    """Returns the data's description: its path on the workspace, the commit and the md5.
+    """Returns the data's description: its path on the workspace, the commit, the md5, and the
+    run's fingerprint (:func:`mapet.retraining.fingerprint`) with the code revision in it.
     ``git_secret`` names the Secret whose credentials (see :func:`git_environment`) clone a
     private repository."""
     workspace = Path(workspace)
@@ -117,6 +120,8 @@ def materialize(repo_url: str, git_rev: str, workspace: str | Path, dvc_remote: 
                 if not (target / COMPLETE).is_file():                 # not a concurrent run's finished copy
                     raise
         mapet("params", "--params", checkout / "params.yaml", *[f"--set={o}" for o in overrides], "--out", params_out)
-        return {"path": str(target), "git_commit": commit, "data_md5": md5, "repo_url": repo_url}
+        code = code_revision()
+        return {"path": str(target), "git_commit": commit, "data_md5": md5, "repo_url": repo_url, "code_revision": code,
+                "fingerprint": fingerprint(md5, load_params(params_out), code)}
     finally:
         shutil.rmtree(checkout, ignore_errors=True)

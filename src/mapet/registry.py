@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -114,6 +114,25 @@ def register(repo: Path, revision: str, author: tuple[str, str]) -> str:
     return versions["classifier"]
 
 
+def first_model(decision: Decision) -> None:
+    decision.promoted, decision.reason = True, f"no classifier in {decision.stage!r} yet: the first model is promoted"
+
+
+def judge(decision: Decision, recorded_top1: float | None, reevaluate: Callable[[], float]) -> None:
+    """Sets the champion's test top-1 and the verdict: the champion's ``recorded_top1`` when it was
+    evaluated on the candidate's data version and split, else ``reevaluate()`` on the candidate's."""
+    if recorded_top1 is not None:
+        decision.champion_top1, where = float(recorded_top1), "its recorded evaluation on the same data version"
+    else:
+        decision.champion_top1 = float(reevaluate())
+        where = "evaluated again on the candidate's data version"
+    margin = decision.candidate_top1 - decision.champion_top1
+    decision.promoted = margin >= decision.min_delta
+    decision.reason = (f"test top-1 {decision.candidate_top1:.4f} against the champion's {decision.champion_top1:.4f} "
+                       f"({where}): {margin:+.4f}, {'at least' if decision.promoted else 'less than'} min_delta "
+                       f"{decision.min_delta}")
+
+
 def promote(repo: Path, revision: str, data: Path, stage: str, min_delta: float, crop_pct: float) -> Decision:
     from gto.api import assign
 
@@ -125,7 +144,7 @@ def promote(repo: Path, revision: str, data: Path, stage: str, min_delta: float,
     decision = Decision(False, "", stage, commit, version, float(candidate["top1"]), min_delta=min_delta)
     current = champion(repo, stage)
     if current is None:
-        decision.promoted, decision.reason = True, f"no classifier in {stage!r} yet: the first model is promoted"
+        first_model(decision)
     else:
         decision.champion_version, decision.champion_revision = current
         if current[1] == commit:
@@ -133,17 +152,9 @@ def promote(repo: Path, revision: str, data: Path, stage: str, min_delta: float,
             decision.reason = f"the candidate is already the {stage!r} classifier"
         else:
             reference, reference_data = evaluated(repo, current[1])
-            if reference_data == candidate_data and reference.get("split") == candidate.get("split"):
-                decision.champion_top1 = float(reference["top1"])
-                where = "its committed evaluation on the same data version"
-            else:
-                decision.champion_top1 = reevaluate(repo, current[1], data, candidate.get("split", "test"), crop_pct)
-                where = f"evaluated again on the candidate's data version {candidate_data[:12]}"
-            margin = decision.candidate_top1 - decision.champion_top1
-            decision.promoted = margin >= min_delta
-            decision.reason = (f"test top-1 {decision.candidate_top1:.4f} against the champion's "
-                               f"{decision.champion_top1:.4f} ({where}): {margin:+.4f}, "
-                               f"{'at least' if decision.promoted else 'less than'} min_delta {min_delta}")
+            same = reference_data == candidate_data and reference.get("split") == candidate.get("split")
+            judge(decision, reference["top1"] if same else None,
+                  lambda: reevaluate(repo, current[1], data, candidate.get("split", "test"), crop_pct))
     if decision.promoted:
         for name in ARTIFACTS:
             assign(str(repo), name, stage, ref=commit, skip_registration=True, author=author[0],
