@@ -138,3 +138,13 @@ def test_a_damaged_workspace_record_is_named(tmp_path):
     (tmp_path / "mapet" / "v1.json").write_text("{not json")
     with pytest.raises(MapetError, match=r"v1.json: unreadable registry record"):
         skip_decision(registry, "a" * 64, force=False)
+
+
+def test_a_workspace_version_is_never_overwritten(tmp_path, monkeypatch):
+    registry = WorkspaceRegistry(tmp_path, "mapet")
+    registry.register(candidate("a", 0.7), "s3://models/a")
+    monkeypatch.setattr(registry, "versions", lambda: [])          # a run that listed before the other registered
+    with pytest.raises(MapetError, match=r"v1.json exists already: another run registered v1 at the same time"):
+        registry.register(candidate("b", 0.8), "s3://models/b")
+    assert json.loads((tmp_path / "mapet" / "v1.json").read_text())["fingerprint"] == "a" * 64
+    assert sorted(path.name for path in (tmp_path / "mapet").iterdir()) == ["v1.json"]

@@ -18,13 +18,21 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_text(path: Path, text: str) -> None:
+def write_text(path: Path, text: str, exclusive: bool = False) -> None:
+    """``exclusive``: the file must not exist yet (FileExistsError), even when another process
+    writes it at the same moment."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial" if exclusive else path.name + ".partial")
     partial.write_text(text)
-    os.replace(partial, path)
+    if not exclusive:
+        os.replace(partial, path)
+        return
+    try:
+        os.link(partial, path)
+    finally:
+        partial.unlink()
 
 
-def write_json(path: Path, document: Any) -> None:
-    write_text(path, json.dumps(document, indent=2) + "\n")
+def write_json(path: Path, document: Any, exclusive: bool = False) -> None:
+    write_text(path, json.dumps(document, indent=2) + "\n", exclusive)

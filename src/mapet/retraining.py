@@ -96,9 +96,11 @@ class WorkspaceRegistry:
 
     def register(self, properties: Properties, uri: str) -> str:
         version = f"v{len(self.versions()) + 1}"
-        if self._file(version).exists():
-            raise MapetError(f"{self._file(version)} exists already: another run registered at the same time")
-        write_json(self._file(version), {**properties, "version": version, "uri": uri})
+        try:
+            write_json(self._file(version), {**properties, "version": version, "uri": uri}, exclusive=True)
+        except FileExistsError as error:
+            raise MapetError(f"{self._file(version)} exists already: another run registered {version} at the same "
+                             f"time; run this one again") from error
         return version
 
     def set_stage(self, version: str, stage: str) -> None:
