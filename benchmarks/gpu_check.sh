@@ -30,8 +30,8 @@
 #            FASHION_MNIST (default .gpu/fashion-mnist) and the tokens, made on a CPU machine by
 #            `mapet tokenize` from the same import, from FM_TOKENS (default .gpu/fm-tokens).
 # Where DeepSpeed is not installed, the wheels in .whl/ go to /tmp/site first: deepspeed (built here
-# with `pip wheel --no-deps deepspeed==0.19.8`), timm, hjson and pydantic with its dependencies, at
-# the versions of requirements.lock (faiss-cpu too where a check builds a codebook: none does).
+# with `pip wheel --no-deps deepspeed==0.19.8`), timm, hjson, pydantic with its dependencies and
+# faiss-cpu (the token reader imports it), at the versions of requirements.lock.
 #
 #   bash benchmarks/gpu_check.sh                      # every check
 #   bash benchmarks/gpu_check.sh head loop compare    # these, in this order
