@@ -108,7 +108,8 @@ def test_a_file_that_is_not_yaml_is_refused_naming_it(tmp_path, capsys):
 @pytest.mark.parametrize("command", [["validate", "--data"], ["tokenizer", "build", "--data"], ["tokenize", "--data"],
                                      ["pretrain", "--tokens"], ["finetune", "--backbone"], ["evaluate", "--model"],
                                      ["probe", "--backbone"], ["pictures", "--model"], ["export", "--model"],
-                                     ["data", "import", "--source"], ["weights", "import", "--from", "official-mapet",
+                                     ["data", "import", "--source"], ["registry", "list", "--workspace"],
+                                     ["weights", "import", "--from", "official-mapet",
                                                                       "--out", "x.safetensors"]])
 def test_a_wrong_path_is_one_message_naming_it(tmp_path, capsys, command):
     wrong = tmp_path / "nowhere"

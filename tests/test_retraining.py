@@ -148,3 +148,43 @@ def test_a_workspace_version_is_never_overwritten(tmp_path, monkeypatch):
         registry.register(candidate("b", 0.8), "s3://models/b")
     assert json.loads((tmp_path / "mapet" / "v1.json").read_text())["fingerprint"] == "a" * 64
     assert sorted(path.name for path in (tmp_path / "mapet").iterdir()) == ["v1.json"]
+
+
+def test_mapet_registry_list_shows_the_versions_newest_first(tmp_path, capsys):
+    from mapet.cli import main
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(TINY_PARAMS))
+    assert main(["registry", "list", "--params", str(params)]) == 2
+    assert "no registry to read: pass --url" in capsys.readouterr().err
+    registry = WorkspaceRegistry(tmp_path / "registry", "mapet")
+    assert main(["registry", "list", "--params", str(params), "--workspace", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.endswith("no versions yet\n")
+
+    gate(registry, candidate("a", 0.7), "s3://models/a", "prod", 0.005, lambda path: 0.0)
+    gate(registry, {**candidate("b", 0.71), "pipeline_run": "run-2"}, "s3://models/b", "prod", 0.005,
+         lambda path: 0.0)
+    assert main(["registry", "list", "--params", str(params), "--workspace", str(tmp_path)]) == 0
+    header, newest, oldest = capsys.readouterr().out.splitlines()[1:]
+    assert header.split() == ["version", "stage", "test", "top-1", "data", "commit", "fingerprint", "pipeline", "run"]
+    assert newest.split() == ["v2", "prod", "0.7100", "dddddddd", "b" * 12, "b" * 16, "run-2"]
+    assert oldest.split() == ["v1", "none", "0.7000", "dddddddd", "a" * 12, "a" * 16]
+
+
+def test_mapet_registry_list_reads_kubeflow_model_registry(tmp_path, capsys):
+    from mapet.cli import main
+
+    server = FakeModelRegistry()
+    try:
+        params = tmp_path / "params.yaml"
+        params.write_text(yaml.safe_dump({**TINY_PARAMS, "pipeline": {"arguments": {"registry_url": server.url,
+                                                                                    "registry_model": "vit"}}}))
+        with pytest.warns(UserWarning, match="token"):
+            gate(KubeflowRegistry(server.url, "vit"), candidate("a", 0.7), "s3://models/a", "prod", 0.005,
+                 lambda path: 0.0)
+            assert main(["registry", "list", "--params", str(params)]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[0] == f"Kubeflow Model Registry {server.url}, model 'vit'" and out[2].split()[:3] == [
+            "v1", "prod", "0.7000"]
+    finally:
+        server.close()

@@ -50,6 +50,21 @@ def _promote(args: argparse.Namespace) -> None:
           f"{decision.reason[0].upper()}{decision.reason[1:]}. Wrote {Path(args.out) / 'decision.md'}")
 
 
+def _registry_list(args: argparse.Namespace) -> None:
+    from mapet.retraining import open_registry, version_table
+
+    arguments = (load_params(args.params).get("pipeline") or {}).get("arguments") or {}
+    url = (arguments.get("registry_url") or "") if args.url is None else args.url
+    if not url and not args.workspace:
+        raise MapetError("no registry to read: pass --url (Kubeflow Model Registry, or set "
+                         "pipeline.arguments.registry_url) or --workspace (the folder mounted at /workspace, e.g. "
+                         "outputs/pipeline-workspace after `python -m pipelines.cli local`)")
+    if args.workspace and not Path(args.workspace).is_dir():
+        raise MapetError(f"--workspace {args.workspace}: no such folder")
+    registry = open_registry(url, Path(args.workspace or "."), args.model or arguments.get("registry_model") or "mapet")
+    print(f"{registry.where}\n{version_table(registry)}")
+
+
 def _params(args: argparse.Namespace) -> None:
     import yaml
 
@@ -405,6 +420,16 @@ def build_parser() -> argparse.ArgumentParser:
                                  "again (default: data.dir)")
     promote_command.add_argument("--out", default="outputs/promotion", help="decision.json and decision.md "
                                  "(default: %(default)s)")
+
+    registry = commands.add_parser("registry", help="The pipeline's model registry.",
+                                   description="The pipeline's model registry.")
+    registry_commands = registry.add_subparsers(dest="registry_command", required=True, metavar="COMMAND")
+    listing = command(registry_commands, "list", _registry_list,
+                      "The versions the pipeline registered, newest first: stage, test top-1, data, commit, fingerprint.")
+    listing.add_argument("--url", help="Kubeflow Model Registry, http://HOST:PORT (default: "
+                         "pipeline.arguments.registry_url)")
+    listing.add_argument("--workspace", help="without a URL: the workspace folder whose registry/ to read")
+    listing.add_argument("--model", help="the registered model (default: pipeline.arguments.registry_model, mapet)")
 
     export = command(commands, "export", _export,
                      "Write a pre-trained model's backbone as a timm-loadable safetensors file.")

@@ -150,6 +150,18 @@ def open_registry(url: str, workspace: Path, model: str) -> Registry:
     return KubeflowRegistry(url, model) if url else WorkspaceRegistry(Path(workspace) / "registry", model)
 
 
+def version_table(registry: Registry) -> str:
+    """The registry's versions, newest first, as a plain-text table."""
+    columns = ("version", "stage", "test top-1", "data", "commit", "fingerprint", "pipeline run")
+    rows = [(str(record["version"]), str(record.get("stage", NO_STAGE)), f"{float(record['top1']):.4f}",
+             str(record.get("data_md5", ""))[:8], str(record.get("git_commit", ""))[:12],
+             str(record.get("fingerprint", ""))[:16], str(record.get("pipeline_run", "")))
+            for record in reversed(registry.versions())]
+    widths = [max(len(row[i]) for row in [columns, *rows]) for i in range(len(columns))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [columns, *rows]]
+    return "\n".join(lines) if rows else f"{registry.where}: no versions yet"
+
+
 def holding(registry: Registry, stage: str) -> Properties | None:
     """The latest version in ``stage``: the champion."""
     return next((record for record in reversed(registry.versions()) if record.get("stage") == stage), None)
