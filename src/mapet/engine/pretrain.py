@@ -29,7 +29,6 @@ from mapet.engine.common import (fp32_state_dict, make_engine, plan_steps, resum
 from mapet.engine.distributed import init_distributed, teardown
 from mapet.engine.optim import parameter_groups
 from mapet.engine.probe import ProbeSettings, knn_monitor
-from mapet.errors import MapetError
 from mapet.files import write_json
 from mapet.masking import default_num_predict, sample_orders
 from mapet.models import create_pretrain_model, init_pretrain_model, save_backbone, save_pretrain_model
@@ -77,8 +76,6 @@ def run_pretrain(settings: PretrainSettings, data: Path, tokens_dir: Path, out: 
     """``probe``: the k-NN settings of the monitor (``settings.probe_every``); its subset sizes
     come from ``settings``."""
     data, tokens_dir, out = Path(data), Path(tokens_dir), Path(out)
-    if settings.decode not in ("cpu", "gpu"):
-        raise MapetError(f"params: pretrain.decode must be cpu or gpu, got {settings.decode!r}")
     image_size, patch = settings.model_kwargs["img_size"], settings.model_kwargs["patch_size"]
     grid = (image_size // patch, image_size // patch)
     tokens, token_info = load_tokens(tokens_dir, data, expected_grid=grid)      # refuse before any set-up
