@@ -10,7 +10,7 @@ import yaml
 from mapet.errors import MapetError
 from mapet.params import load_params
 from mapet.retraining import (KubeflowRegistry, WorkspaceRegistry, code_revision, fingerprint, gate, holding,
-                              skip_decision)
+                              next_version, skip_decision)
 from tests.fake_model_registry import FakeModelRegistry
 from tests.tiny_repo import TINY_PARAMS
 
@@ -80,7 +80,7 @@ def test_the_gate_promotes_the_first_model_and_then_only_a_clear_winner(registry
     versions = registry.versions()
     assert [(v["version"], v["stage"], v["uri"]) for v in versions] == [
         ("v1", "none", "s3://models/a"), ("v2", "none", "s3://models/b"), ("v3", "prod", "s3://models/c")]
-    assert holding(registry, "prod")["fingerprint"] == "c" * 64
+    assert holding(versions, "prod")["fingerprint"] == "c" * 64
     assert versions[1]["top1"] == 0.703 and versions[1]["data_md5"] == "d" * 32       # refused, still registered
 
 
@@ -140,12 +140,12 @@ def test_a_damaged_workspace_record_is_named(tmp_path):
         skip_decision(registry, "a" * 64, force=False)
 
 
-def test_a_workspace_version_is_never_overwritten(tmp_path, monkeypatch):
+def test_a_workspace_version_is_never_overwritten(tmp_path):
     registry = WorkspaceRegistry(tmp_path, "mapet")
-    registry.register(candidate("a", 0.7), "s3://models/a")
-    monkeypatch.setattr(registry, "versions", lambda: [])          # a run that listed before the other registered
+    before = next_version(registry.versions())                    # a run lists the versions, then another registers
+    registry.register(next_version(registry.versions()), candidate("a", 0.7), "s3://models/a")
     with pytest.raises(MapetError, match=r"v1.json exists already: another run registered v1 at the same time"):
-        registry.register(candidate("b", 0.8), "s3://models/b")
+        registry.register(before, candidate("b", 0.8), "s3://models/b")
     assert json.loads((tmp_path / "mapet" / "v1.json").read_text())["fingerprint"] == "a" * 64
     assert sorted(path.name for path in (tmp_path / "mapet").iterdir()) == ["v1.json"]
 

@@ -67,8 +67,8 @@ class Registry(Protocol):
     def versions(self) -> list[Properties]:
         """Every version as its properties, ``version`` and ``uri`` included, oldest first."""
 
-    def register(self, properties: Properties, uri: str) -> str:
-        """Registers a new version of the model at ``uri``; returns the version's name."""
+    def register(self, version: str, properties: Properties, uri: str) -> None:
+        """Registers ``version`` (a new one, see :func:`next_version`) of the model at ``uri``."""
 
     def set_stage(self, version: str, stage: str) -> None:
         """Sets the version's ``stage`` property (:data:`NO_STAGE` takes the stage away)."""
@@ -92,16 +92,14 @@ class WorkspaceRegistry:
                 records.append(json.loads(path.read_text()))
             except (OSError, json.JSONDecodeError) as error:
                 raise MapetError(f"{path}: unreadable registry record ({error}); move it aside to go on") from error
-        return sorted(records, key=lambda record: int(str(record["version"])[1:]))
+        return oldest_first(records)
 
-    def register(self, properties: Properties, uri: str) -> str:
-        version = f"v{len(self.versions()) + 1}"
+    def register(self, version: str, properties: Properties, uri: str) -> None:
         try:
             write_json(self._file(version), {**properties, "version": version, "uri": uri}, exclusive=True)
         except FileExistsError as error:
             raise MapetError(f"{self._file(version)} exists already: another run registered {version} at the same "
                              f"time; run this one again") from error
-        return version
 
     def set_stage(self, version: str, stage: str) -> None:
         record = json.loads(self._file(version).read_text())
@@ -131,19 +129,26 @@ class KubeflowRegistry:
         for record in records:
             artifact = self.client.get_model_artifact(self.model, str(record["version"]))
             record["uri"] = artifact.uri if artifact else ""
-        return sorted(records, key=lambda record: int(str(record["version"])[1:]))
+        return oldest_first(records)
 
-    def register(self, properties: Properties, uri: str) -> str:
-        version = f"v{len(self.versions()) + 1}"
+    def register(self, version: str, properties: Properties, uri: str) -> None:
         self.client.register_model(self.model, uri, model_format_name=FORMAT[0], model_format_version=FORMAT[1],
                                    version=version, metadata=properties,
                                    version_description=f"MaPeT classifier, fingerprint {properties['fingerprint']}")
-        return version
 
     def set_stage(self, version: str, stage: str) -> None:
         found = self.client.get_model_version(self.model, version)
         found.custom_properties = {**(found.custom_properties or {}), "stage": stage}
         self.client.update(found)
+
+
+def oldest_first(records: list[Properties]) -> list[Properties]:
+    return sorted(records, key=lambda record: int(str(record["version"])[1:]))
+
+
+def next_version(records: list[Properties]) -> str:
+    """``v<N+1>`` after N versions."""
+    return f"v{len(records) + 1}"
 
 
 def open_registry(url: str, workspace: Path, model: str) -> Registry:
@@ -162,9 +167,9 @@ def version_table(registry: Registry) -> str:
     return "\n".join(lines) if rows else f"{registry.where}: no versions yet"
 
 
-def holding(registry: Registry, stage: str) -> Properties | None:
-    """The latest version in ``stage``: the champion."""
-    return next((record for record in reversed(registry.versions()) if record.get("stage") == stage), None)
+def holding(records: list[Properties], stage: str) -> Properties | None:
+    """The latest of ``records`` (oldest first) in ``stage``: the champion."""
+    return next((record for record in reversed(records) if record.get("stage") == stage), None)
 
 
 def skip_decision(registry: Registry, run_fingerprint: str, force: bool) -> tuple[bool, str]:
@@ -191,8 +196,9 @@ def gate(registry: Registry, candidate: Properties, uri: str, stage: str, min_de
     split, data_md5, git_commit and classifier_path), then gives it ``stage`` when it beats the
     champion by ``min_delta``; ``reevaluate(classifier_path)`` gives the champion's test top-1 on
     the candidate's data when the champion was evaluated on other data."""
-    current = holding(registry, stage)
-    version = registry.register({**candidate, "stage": NO_STAGE}, uri)
+    records = registry.versions()
+    current, version = holding(records, stage), next_version(records)
+    registry.register(version, {**candidate, "stage": NO_STAGE}, uri)
     decision = Decision(False, "", stage, str(candidate.get("git_commit", "")), version, float(candidate["top1"]),
                         min_delta=min_delta)
     if current is None:
