@@ -11,7 +11,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 IMAGE ?= ghcr.io/mapet-project/mapet:0.1.0
 
-.PHONY: demo test setup debian lock benchmark compare pipeline image clean
+.PHONY: demo test test-image setup debian lock benchmark compare pipeline image clean
 
 demo: setup data/manifest.parquet
 	dvc repro
@@ -46,7 +46,7 @@ $(INSTALLED): requirements.lock pyproject.toml
 lock:
 	rm -rf $(VENV).lock && $(PYTHON) -m venv $(VENV).lock
 	$(VENV).lock/bin/pip install -q -r requirements.in
-	{ head -1 requirements.lock; $(VENV).lock/bin/pip freeze; } > requirements.lock.new && mv requirements.lock.new requirements.lock
+	{ head -1 requirements.lock; $(VENV).lock/bin/pip freeze --all --exclude pip; } > requirements.lock.new && mv requirements.lock.new requirements.lock
 	rm -rf $(VENV).lock
 
 benchmark: setup
@@ -61,9 +61,17 @@ compare: setup data/manifest.parquet
 pipeline: setup
 	MAPET_IMAGE=$(IMAGE) python -m pipelines.cli compile
 
-# The project image (needs a Docker engine): make image IMAGE=registry/mapet:tag && docker push ...
+# The project image: starts (or installs) a Docker engine, makes a Debian base when none is given
+# and no registry answers, serves the lock's wheels to the build, builds, prints time and size.
+#   make image IMAGE=registry/mapet:tag [BASE=python:3.11-slim-bookworm] && docker push registry/mapet:tag
+#   PIP_SOURCE=index CA_BUNDLE=/path/ca.pem make image     # the build's pip reaches the index itself
 image:
-	docker build -f components/Dockerfile -t $(IMAGE) .
+	bash components/image.sh build $(IMAGE) $(BASE)
+
+# The container tests (tests/test_containers.py) against that image; stops the engine if `image` started it.
+test-image: setup image
+	@status=0; python -m pytest -m container tests/test_containers.py || status=$$?; \
+	bash components/image.sh stop-engine; exit $$status
 
 clean:
 	rm -rf $(VENV)
