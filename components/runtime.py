@@ -4,6 +4,7 @@ outputs into kfp metrics. Imported inside the component functions, so it ships i
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,23 @@ def mapet(*args: str | Path) -> None:
     status = subprocess.run(argv).returncode
     if status:
         raise StepError(f"`mapet {' '.join(map(str, args))}` exited with status {status}")
+
+
+def require_writable_workspace(workspace: str | Path, volume_parameter: str = "workspace_pvc") -> None:
+    """Fails at once, with the fix, when this step's user cannot write the workspace volume (or,
+    before its first use, the folder it will be made in), instead of deep inside a step."""
+    path = Path(workspace)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if os.access(path, os.W_OK | os.X_OK):
+        return
+    owner = path.stat()
+    raise StepError(
+        f"the workspace {path} (the volume of the pipeline parameter {volume_parameter}) is not writable by this "
+        f"step's user, uid {os.getuid()} gid {os.getgid()}: it belongs to uid {owner.st_uid} gid {owner.st_gid} with "
+        f"mode {owner.st_mode & 0o777:o}. On Kubernetes give the pods the volume's group with the pod security "
+        f"context's fsGroup: {os.getgid()} (as k8s/base/trainingruntime.yaml does for the TrainJob's nodes), or "
+        f"chown the volume to {os.getuid()}; with docker, mount a folder that uid {os.getuid()} owns")
 
 
 def numbers(document: dict[str, Any], prefix: str = "") -> dict[str, float]:

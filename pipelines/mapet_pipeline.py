@@ -10,6 +10,7 @@ from kfp import compiler, dsl, kubernetes
 from kfp.dsl import Artifact, Dataset, Input
 
 from components.data.component import materialize_data
+from components.data import materialize
 from components.data.materialize import GIT_SECRET_KEYS
 from components.evaluate.component import evaluate
 from components.finetune.component import finetune
@@ -26,7 +27,7 @@ COMPILED = Path(__file__).with_name("mapet_pipeline.yaml")
 WORKSPACE_MOUNT = "/workspace"
 # Keys of the DVC remote's Secret (k8s/templates/dvc-remote-secret.yaml), exposed as the
 # environment variables DVC's S3 remote reads.
-DVC_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
+DVC_SECRET_KEYS = {key: key for key in materialize.DVC_SECRET_KEYS}
 
 
 @dsl.pipeline(name="train-and-promote", description="k-CLIP tokenizer -> tokenize -> pre-train (TrainJob) -> probe, "
@@ -112,7 +113,8 @@ def mapet_pipeline(
     workspace; registry_model: the registered model's name; force: train even when a model of the
     same fingerprint (data version, effective parameters, code) is registered."""
     data_step = materialize_data(repo_url=repo_url, git_rev=git_rev, workspace=workspace, dvc_remote=dvc_remote,
-                                 param_overrides=param_overrides, git_secret=git_secret)
+                                 param_overrides=param_overrides, git_secret=git_secret,
+                                 dvc_secret=dvc_secret)
     data_step.set_display_name("materialise data")
     data_step.set_caching_options(False)                     # a branch name resolves to a new commit over time
     kubernetes.use_secret_as_env(data_step, secret_name=dvc_secret, secret_key_to_env=DVC_SECRET_KEYS, optional=True)

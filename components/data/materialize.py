@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from components.runtime import StepError, mapet
+from components.runtime import StepError, mapet, require_writable_workspace
 from mapet.params import load_params
 from mapet.retraining import code_revision, fingerprint
 
@@ -32,14 +32,21 @@ CREDENTIAL_HELPER = ("!f() { test \"$1\" = get || exit 0; echo username=\"${MAPE
                      "echo password=\"$MAPET_GIT_TOKEN\"; }; f")
 
 
+# The DVC remote's Secret's keys (k8s/templates/dvc-remote-secret.yaml) reach the step as these.
+DVC_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+# What DVC's S3 remote (botocore) says when it has no credentials or the server refuses them.
+REFUSED_BY_REMOTE = ("Unable to locate credentials", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied",
+                     "(403)", "Forbidden", "InvalidToken", "ExpiredToken", "NoCredentialsError")
+
+
 def _secrets() -> list[str]:
-    return [os.environ[name] for name in GIT_SECRET_KEYS.values() if os.environ.get(name)]
+    return [os.environ[name] for name in (*GIT_SECRET_KEYS.values(), *DVC_SECRET_KEYS) if os.environ.get(name)]
 
 
 def _run(argv: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
     result = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, env=env)
     if result.returncode:
-        message = result.stderr.strip()
+        message = result.stderr.strip() or result.stdout.strip()
         for secret in _secrets():
             message = message.replace(secret, "***")
         raise StepError(f"`{' '.join(argv)}` failed with status {result.returncode}:\n{message}")
@@ -90,12 +97,34 @@ def pinned_md5(checkout: Path) -> str:
     return outs[0]["md5"].removesuffix(".dir")
 
 
+def pull(checkout: Path, dvc_secret: str) -> None:
+    """``dvc pull data.dvc``; a remote that refuses the credentials (or gets none) is one message
+    naming the remote and the Secret, with no credential in it."""
+    try:
+        _run(["dvc", "pull", "data.dvc"], cwd=checkout)
+    except StepError as error:
+        refusal = next((line for line in str(error).splitlines() if any(sign in line for sign in REFUSED_BY_REMOTE)),
+                       None)
+        if refusal is None:
+            raise
+        remote = _run(["dvc", "remote", "default"], cwd=checkout) or "(none)"
+        url = _run(["dvc", "config", f"remote.{remote}.url"], cwd=checkout) if remote != "(none)" else ""
+        given = ("with the credentials from" if any(os.environ.get(name) for name in DVC_SECRET_KEYS)
+                 else "without credentials: none came from")
+        raise StepError(f"the DVC remote {remote!r} ({url}) refused the data pull {given} the Kubernetes Secret "
+                        f"{dvc_secret!r}. Put the remote's AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in that "
+                        f"Secret (k8s/templates/dvc-remote-secret.yaml) or name another with the pipeline parameter "
+                        f"dvc_secret.\n{refusal}") from None
+
+
 def materialize(repo_url: str, git_rev: str, workspace: str | Path, dvc_remote: str, overrides: list[str],
-                params_out: str | Path, git_secret: str = "mapet-git") -> dict[str, Any]:
+                params_out: str | Path, git_secret: str = "mapet-git", dvc_secret: str = "mapet-dvc-remote"
+                ) -> dict[str, Any]:
     """Returns the data's description: its path on the workspace, the commit, the md5, and the
     run's fingerprint (:func:`mapet.retraining.fingerprint`) with the code revision in it.
     ``git_secret`` names the Secret whose credentials (see :func:`git_environment`) clone a
-    private repository."""
+    private repository, ``dvc_secret`` the one whose keys are the DVC remote's credentials."""
+    require_writable_workspace(workspace)
     workspace = Path(workspace)
     checkout = workspace / "tmp" / f"checkout-{uuid.uuid4().hex[:12]}"
     checkout.parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +140,7 @@ def materialize(repo_url: str, git_rev: str, workspace: str | Path, dvc_remote: 
             if dvc_remote:
                 _run(["dvc", "remote", "add", "--local", "--force", "--default", "pipeline", dvc_remote], cwd=checkout)
             print(f"pulling data {md5} of {repo_url}@{commit[:12]}", flush=True)
-            _run(["dvc", "pull", "--quiet", "data.dvc"], cwd=checkout)
+            pull(checkout, dvc_secret)
             (checkout / "data" / COMPLETE).write_text(commit + "\n")
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
