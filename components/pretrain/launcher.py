@@ -379,12 +379,16 @@ def run_local(mapet_args: list[str], proc_per_node: int) -> None:
 
 def launch_pretraining(*, backend: str, data_dir: str, tokens_dir: str, params_file: str, workspace: str,
                        job_name: str, proc_per_node: int, timeout_seconds: float = 0,
-                       request: dict[str, Any] | None = None, launcher: TrainJobLauncher | None = None):
+                       request: dict[str, Any] | None = None, launcher=None):
     """Stages the run's tokens and parameters next to the job's output folder on the workspace,
-    runs `mapet pretrain --resume` with ``backend`` ("local" or "trainjob"), and returns that
-    folder. ``request`` holds the TrainJobRequest fields besides name, command and proc_per_node."""
-    if backend not in ("local", "trainjob"):
-        raise LaunchError(f"unknown pre-training backend {backend!r} (choose local or trainjob)")
+    runs `mapet pretrain --resume` with ``backend`` and returns that folder: "local" (torchrun
+    here), "trainjob" (a Kubeflow Trainer TrainJob) or "docker" (the same TrainJob on the Docker
+    engine of DOCKER_HOST, one container per node: `components.pretrain.docker_backend`, the
+    workspace claim standing for a Docker volume or host folder of that name). ``request`` holds
+    the TrainJobRequest fields besides name, command and proc_per_node; ``launcher`` replaces the
+    backend's default TrainJobLauncher or DockerTrainJobRunner."""
+    if backend not in ("local", "trainjob", "docker"):
+        raise LaunchError(f"unknown pre-training backend {backend!r} (choose local, trainjob or docker)")
     job_dir = Path(workspace) / "jobs" / job_name
     staged_tokens = job_dir / "tokens"
     if not (staged_tokens / "tokens.json").is_file():                   # a retry finds them staged
@@ -395,12 +399,16 @@ def launch_pretraining(*, backend: str, data_dir: str, tokens_dir: str, params_f
     out = job_dir / "out"
     mapet_args = ["pretrain", "--params", str(job_dir / "params.yaml"), "--data", str(data_dir),
                   "--tokens", str(staged_tokens), "--out", str(out), "--resume"]
+    request = TrainJobRequest(name=job_name, command=torchrun_command(mapet_args), proc_per_node=proc_per_node,
+                              **(request or {}))
     if backend == "local":
         run_local(mapet_args, proc_per_node)
+    elif backend == "docker":
+        from components.pretrain.docker_backend import DockerTrainJobRunner
+
+        (launcher or DockerTrainJobRunner()).run(trainjob_manifest(request), timeout_seconds)
     else:
-        launcher = launcher or kubernetes_launcher()
-        launcher.run(TrainJobRequest(name=job_name, command=torchrun_command(mapet_args), proc_per_node=proc_per_node,
-                                     **(request or {})), timeout_seconds)
+        (launcher or kubernetes_launcher()).run(request, timeout_seconds)
     if not (out / "backbone.safetensors").is_file():
         raise LaunchError(f"pre-training finished without writing {out / 'backbone.safetensors'}")
     return out
