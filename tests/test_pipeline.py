@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from pipelines.mapet_pipeline import COMPILED, compile_pipeline
+from tests.pipeline_checks import check_skipped_run, check_trained_run
 from tests.tiny_repo import ROOT, make_pinned_repo, sh
 
 
@@ -78,55 +79,12 @@ def test_whole_pipeline_runs_under_kfp_local_then_skips_the_unchanged_run(pinned
                  "workspace": str(workspace), "backend": "local", "param_overrides": ["pretrain.objective=mim"]}
     mapet_pipeline(**arguments)
 
-    md5 = yaml.safe_load((pinned_repo / "data.dvc").read_text())["outs"][0]["md5"].removesuffix(".dir")
-    data = workspace / "data" / md5
-    assert (data / ".complete").read_text().strip() == sh("git", "rev-parse", "HEAD", cwd=pinned_repo)
-    assert sorted(p.name for p in (data / "shards").iterdir())[:2] == ["test-00000.tar", "test-00001.tar"]
-    [job] = list((workspace / "jobs").iterdir())
-    assert yaml.safe_load((job / "params.yaml").read_text())["pretrain"]["objective"] == "mim"   # the override
-    pretrain_metrics = json.loads((job / "out" / "metrics.json").read_text())
-    assert pretrain_metrics["objective"] == "mim" and pretrain_metrics["steps"] == 4
-
     [run] = list(root.iterdir())
-    outputs = {p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()}
-    for expected in ("validate/report", "build-tokenizer/codebook", "tokenize/report", "tokenize/tokens/tokens.npy",
-                     "pretrain/backbone", "pretrain/model", "pretrain/curves", "pictures/report", "finetune/model",
-                     "finetune/curves", "summarize/summary"):
-        assert expected in outputs, sorted(outputs)
-    evaluated = json.loads((run / "evaluate" / "executor_output.json").read_text())["artifacts"]
-    metrics = evaluated["metrics"]["artifacts"][0]["metadata"]
-    assert metrics["images"] == 20 and 0 <= metrics["top1"] <= metrics["top5"] <= 1
-    matrix = evaluated["confusion"]["artifacts"][0]["metadata"]["confusionMatrix"]
-    assert len(matrix["annotationSpecs"]) == 10 and sum(map(sum, (r["row"] for r in matrix["rows"]))) == 20
-    correct = sum(row["row"][i] for i, row in enumerate(matrix["rows"]))
-    assert correct / 20 == pytest.approx(metrics["top1"])
-    probed = json.loads((run / "probe" / "executor_output.json").read_text())["artifacts"]
-    for name in ("metrics", "scratch_metrics"):
-        probe_metrics = probed[name]["artifacts"][0]["metadata"]
-        assert probe_metrics["test_images"] == 20 and 0 <= probe_metrics["knn_top1"] <= 1, name
-    described = json.loads((run / "materialize-data" / "executor_output.json").read_text())["artifacts"]
-    assert described["data"]["artifacts"][0]["metadata"]["data_md5"] == md5
-    assert "data:image/png;base64," in (run / "pretrain" / "curves").read_text()
-    summary = (run / "summarize" / "summary").read_text()
-    assert md5 in summary and "`pretrain.objective=mim`" in summary and f"| evaluation | top1 | {metrics['top1']:.4f} |" \
-        in summary
-
-    fingerprint = described["data"]["artifacts"][0]["metadata"]["fingerprint"]
-    assert "# Training" in (run / "check-registry" / "report").read_text()
-    gate = json.loads((run / "promotion-gate" / "executor_output.json").read_text())["artifacts"]["metrics"]
-    assert gate["artifacts"][0]["metadata"] == {"promoted": 1.0, "candidate_top1": metrics["top1"], "min_delta": 0.005}
-    assert "## Promotion to 'prod': **promoted**" in summary and "the first model is promoted" in summary
-    [record] = [json.loads(path.read_text()) for path in (workspace / "registry" / "mapet").glob("*.json")]
-    assert (record["version"], record["stage"], record["fingerprint"], record["top1"]) == (
-        "v1", "prod", fingerprint, metrics["top1"])
-    assert record["uri"] == str(run / "finetune" / "model") and Path(record["classifier_path"]).is_file()
+    check_trained_run(run, workspace, pinned_repo)
 
     mapet_pipeline(**arguments)                              # same commit, data and parameters: nothing to train
     [skipped] = [path for path in root.iterdir() if path != run]
-    assert sorted(path.name for path in skipped.iterdir()) == ["check-registry", "materialize-data", "validate"]
-    report = (skipped / "check-registry" / "report").read_text()
-    assert report.startswith("# Skipped: nothing changed") and "| registered as | v1 (stage: prod" in report
-    assert len(list((workspace / "registry" / "mapet").glob("*.json"))) == 1
+    check_skipped_run(skipped, workspace)
 
 
 class FakeKfpClient:
