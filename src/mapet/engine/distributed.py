@@ -32,11 +32,16 @@ def init_distributed(collective_timeout_s: float = 600) -> tuple[int, int, torch
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                            "MASTER_PORT": str(_free_port())})
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    # DeepSpeed makes its data-parallel groups without a timeout, so they would take torch's
+    # defaults (30 min on gloo) instead of the world group's: a node cut off the network (no
+    # connection reset) then hung its peers for half an hour.
+    timeout = timedelta(seconds=collective_timeout_s)
+    dist.distributed_c10d.default_pg_timeout = dist.distributed_c10d.default_pg_nccl_timeout = timeout
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo",
-                               timeout=timedelta(seconds=collective_timeout_s))
+                               timeout=timeout)
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
 
