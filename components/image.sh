@@ -6,7 +6,7 @@
 #   components/image.sh stop-engine          stops the engine only if `engine` started it
 #
 # Wheels (PIP_SOURCE): `wheelhouse` (default) downloads the lock with this host's pip (its index,
-# proxy and CA settings) into build/wheelhouse and serves it on 127.0.0.1 to the build; `index`
+# proxy and CA settings) into $WHEELHOUSE and serves it on 127.0.0.1 to the build; `index`
 # lets the build's pip reach the index itself, trusting CA_BUNDLE (default: the system bundle).
 # Either way only the packages stage sees the pip settings and the bundle; the final image
 # copies the finished virtual environment out of it.
@@ -19,6 +19,7 @@ PACKAGES_STAGE=mapet-build/packages:latest
 REGISTRY_BASE=${REGISTRY_BASE:-python:3.11-slim-bookworm}
 PIP_SOURCE=${PIP_SOURCE:-wheelhouse}
 CA_BUNDLE=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
+WHEELHOUSE=${WHEELHOUSE:-${XDG_CACHE_HOME:-$HOME/.cache}/mapet/wheelhouse}   # one per machine, for every clone
 WHEELHOUSE_PORT=${WHEELHOUSE_PORT:-38461}
 SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
 
@@ -91,11 +92,13 @@ pip_settings() {
     wheelhouse)
         local stamp
         stamp=$(sha256sum requirements.lock | cut -c1-64)
-        if [ "$(cat build/wheelhouse/.lock-sha256 2>/dev/null)" != "$stamp" ]; then
-            say "wheels of requirements.lock -> build/wheelhouse (this host's pip; sdists built into wheels)"
-            python3 -m pip wheel -q --disable-pip-version-check --no-deps -r requirements.lock -w build/wheelhouse \
+        if [ "$(cat "$WHEELHOUSE/.lock-sha256" 2>/dev/null)" != "$stamp" ]; then
+            say "wheels of requirements.lock -> $WHEELHOUSE (this host's pip; sdists built into wheels)"
+            rm -rf "$WHEELHOUSE"                            # another lock's wheels: the build would not reuse them
+            mkdir -p "$WHEELHOUSE"
+            python3 -m pip wheel -q --disable-pip-version-check --no-deps -r requirements.lock -w "$WHEELHOUSE" \
                 2> >(grep -v "^WARNING: Location" >&2)
-            echo "$stamp" >build/wheelhouse/.lock-sha256
+            echo "$stamp" >"$WHEELHOUSE/.lock-sha256"
         fi
         printf '[global]\nno-index = true\nfind-links = http://127.0.0.1:%s/\n' "$WHEELHOUSE_PORT" >build/pip/pip.conf
         ;;
@@ -116,7 +119,7 @@ build() {
     from=$(base "${2:-}")
     pip_settings
     if [ "$PIP_SOURCE" = wheelhouse ]; then
-        python3 -m http.server --bind 127.0.0.1 --directory build/wheelhouse "$WHEELHOUSE_PORT" >/dev/null 2>&1 &
+        python3 -m http.server --bind 127.0.0.1 --directory "$WHEELHOUSE" "$WHEELHOUSE_PORT" >/dev/null 2>&1 &
         server=$!
         trap "kill $server 2>/dev/null || true" EXIT
         for _ in $(seq 50); do
