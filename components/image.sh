@@ -19,7 +19,7 @@ PACKAGES_STAGE=mapet-build/packages:latest
 REGISTRY_BASE=${REGISTRY_BASE:-python:3.11-slim-bookworm}
 PIP_SOURCE=${PIP_SOURCE:-wheelhouse}
 CA_BUNDLE=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
-WHEELHOUSE=${WHEELHOUSE:-${XDG_CACHE_HOME:-$HOME/.cache}/mapet/wheelhouse}   # one per machine, for every clone
+WHEELHOUSE=${WHEELHOUSE:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/mapet/wheelhouse}   # one per machine, for every clone
 WHEELHOUSE_PORT=${WHEELHOUSE_PORT:-38461}
 SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
 
