@@ -134,7 +134,6 @@ build() {
     docker build --network host --force-rm --build-arg "BASE=$from" -f components/Dockerfile \
         --target packages -t "$PACKAGES_STAGE" .
     docker build --network host --force-rm --build-arg "BASE=$from" -f components/Dockerfile -t "$image" .
-    [ -z "$server" ] || kill "$server" 2>/dev/null || true
     rm -rf build/pip
     # What the next build cannot reuse: earlier builds of this tag and the stages only they used.
     docker image prune -f >/dev/null

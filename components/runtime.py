@@ -24,7 +24,7 @@ def mapet(*args: str | Path) -> None:
         raise StepError(f"`mapet {' '.join(map(str, args))}` exited with status {status}")
 
 
-def require_writable_workspace(workspace: str | Path, volume_parameter: str = "workspace_pvc") -> None:
+def require_writable_workspace(workspace: str | Path) -> None:
     """Fails at once, with the fix, when this step's user cannot write the workspace volume (or,
     before its first use, the folder it will be made in), instead of deep inside a step."""
     path = Path(workspace)
@@ -34,7 +34,7 @@ def require_writable_workspace(workspace: str | Path, volume_parameter: str = "w
         return
     owner = path.stat()
     raise StepError(
-        f"the workspace {path} (the volume of the pipeline parameter {volume_parameter}) is not writable by this "
+        f"the workspace {path} (the volume of the pipeline parameter workspace_pvc) is not writable by this "
         f"step's user, uid {os.getuid()} gid {os.getgid()}: it belongs to uid {owner.st_uid} gid {owner.st_gid} with "
         f"mode {owner.st_mode & 0o777:o}. On Kubernetes give the pods the volume's group with the pod security "
         f"context's fsGroup: {os.getgid()} (as k8s/base/trainingruntime.yaml does for the TrainJob's nodes), or "

@@ -10,7 +10,7 @@ from kfp import compiler, dsl, kubernetes
 from kfp.dsl import Artifact, Dataset, Input
 
 from components.data.component import materialize_data
-from components.data import materialize
+from components.data.materialize import DVC_SECRET_KEYS as DVC_VARIABLES
 from components.data.materialize import GIT_SECRET_KEYS
 from components.evaluate.component import evaluate
 from components.finetune.component import finetune
@@ -27,7 +27,7 @@ COMPILED = Path(__file__).with_name("mapet_pipeline.yaml")
 WORKSPACE_MOUNT = "/workspace"
 # Keys of the DVC remote's Secret (k8s/templates/dvc-remote-secret.yaml), exposed as the
 # environment variables DVC's S3 remote reads.
-DVC_SECRET_KEYS = {key: key for key in materialize.DVC_SECRET_KEYS}
+DVC_SECRET_KEYS = {key: key for key in DVC_VARIABLES}
 
 
 @dsl.pipeline(name="train-and-promote", description="k-CLIP tokenizer -> tokenize -> pre-train (TrainJob) -> probe, "

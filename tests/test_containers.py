@@ -18,7 +18,7 @@ import torch
 from test_pretrain import history, tokens, weights, write_params  # noqa: F401 (fixture)
 
 from components import IMAGE
-from components.pretrain.docker_backend import DockerTrainJobRunner, node_name
+from components.pretrain.docker_backend import DockerTrainJobRunner
 from components.pretrain.launcher import LaunchError, TrainJobRequest, torchrun_command, trainjob_manifest
 from pipelines.mapet_pipeline import mapet_pipeline
 from tests.pipeline_checks import check_skipped_run, check_trained_run
@@ -111,7 +111,8 @@ def test_the_image_holds_the_stack_and_runs_as_the_runtime_user_offline(engine):
         builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
         print(json.dumps({"uid": os.getuid(), "python": sys.version.split()[0], "torch": torch.__version__,
                           "cuda": torch.version.cuda, "git": shutil.which("git"), "hub_offline": os.environ["HF_HUB_OFFLINE"],
-                          "op": os.path.isdir(os.path.join(os.environ["TORCH_EXTENSIONS_DIR"], builder.NAME)),
+                          "op": os.path.isfile(os.path.join(os.environ["TORCH_EXTENSIONS_DIR"], builder.NAME,
+                                                            builder.NAME + ".so")),
                           "build_settings": os.path.exists("/etc/mapet-build"),
                           "mapet": subprocess.run(["mapet", "--help"], capture_output=True).returncode}))
     """)
@@ -281,7 +282,7 @@ def wait_for_checkpoint(folder: Path, job, runner, step: str = "step00000006") -
     deadline = time.monotonic() + 300
     while not (latest.is_file() and latest.read_text() >= step):
         assert time.monotonic() < deadline, "no checkpoint appeared"
-        assert all(code is None for _, code in runner.states(job)), runner.states(job)
+        assert all(code is None for code in runner.exit_codes(job)), runner.exit_codes(job)
         time.sleep(0.2)
 
 
@@ -305,7 +306,7 @@ def test_a_killed_node_stops_the_other_and_both_resumed_end_as_if_uninterrupted(
         wait_for_checkpoint(folder, job, runner)
         job.nodes[1].kill()                                  # docker kill: the node's torchrun and its rank
         killed_at = time.monotonic()
-        while (survivor_status := runner.states(job)[0][1]) is None:
+        while (survivor_status := runner.exit_codes(job)[0]) is None:
             assert time.monotonic() - killed_at < COLLECTIVE_TIMEOUT_S + 30, "the surviving node did not stop"
             time.sleep(0.2)
         waited = time.monotonic() - killed_at
@@ -336,4 +337,3 @@ def test_a_node_cut_off_the_network_fails_the_job_within_the_collective_timeout(
     finally:
         runner.delete(job)
     assert waited < COLLECTIVE_TIMEOUT_S + 30, f"the job took {waited:.0f} s to fail"
-    assert node_name(manifest["metadata"]["name"], 1) == job.nodes[1].name

@@ -90,11 +90,13 @@ class DockerTrainJobRunner:
         name, spec = manifest["metadata"]["name"], manifest["spec"]
         trainer = spec["trainer"]
         nodes = int(trainer.get("numNodes", 1))
+        for left in self.client.containers.list(all=True, filters={"label": f"{JOB_LABEL}={name}"}):
+            left.remove(force=True)                               # of a job of this name that was not cleaned up
         if self.network:
             network, owns = self.client.networks.get(self.network), False
         else:
             try:
-                self.client.networks.get(name).remove()           # left by a job that was not cleaned up
+                self.client.networks.get(name).remove()
             except NotFound:
                 pass
             network, owns = self.client.networks.create(name, driver="bridge", internal=True,
@@ -107,10 +109,6 @@ class DockerTrainJobRunner:
             mounts = self._mounts(spec)
             for rank in range(nodes):
                 container_name = node_name(name, rank)
-                try:
-                    self.client.containers.get(container_name).remove(force=True)
-                except NotFound:
-                    pass
                 endpoint = self.client.api.create_endpoint_config(aliases=[node_address(name, rank)])
                 container = self.client.containers.create(
                     trainer["image"], list(trainer["command"]), name=container_name, hostname=container_name,
@@ -132,6 +130,9 @@ class DockerTrainJobRunner:
         return job
 
     def _follow(self, container) -> None:
+        from docker.errors import APIError
+        from requests.exceptions import RequestException
+
         pending = b""
         try:
             for chunk in container.logs(stream=True, follow=True):
@@ -139,27 +140,27 @@ class DockerTrainJobRunner:
                 *lines, pending = pending.split(b"\n")
                 for line in lines:
                     self.log(f"[{container.name}] {line.decode('utf-8', errors='replace')}")
-        except Exception:                                   # the container was removed while streaming
+        except (APIError, RequestException):                # the container was removed while streaming
             pass
         if pending:
             self.log(f"[{container.name}] {pending.decode('utf-8', errors='replace')}")
 
-    def states(self, job: RunningJob) -> list[tuple[str, int | None]]:
-        """(status, exit code once exited) of every node."""
-        found = []
+    def exit_codes(self, job: RunningJob) -> list[int | None]:
+        """Every node's exit code, None while it runs."""
+        codes = []
         for container in job.nodes:
             container.reload()
             state = container.attrs["State"]
-            found.append((state["Status"], state["ExitCode"] if state["Status"] in ("exited", "dead") else None))
-        return found
+            codes.append(state["ExitCode"] if state["Status"] in ("exited", "dead") else None)
+        return codes
 
     def wait(self, job: RunningJob, timeout_seconds: float = 0) -> None:
         """Returns when every node has exited 0; raises LaunchError naming the first node that
         failed (the others are stopped), or when ``timeout_seconds`` (0: none) pass."""
         started = time.monotonic()
         while True:
-            states = self.states(job)
-            failed = [(rank, code) for rank, (_, code) in enumerate(states) if code not in (None, 0)]
+            codes = self.exit_codes(job)
+            failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
             if failed:
                 rank, code = failed[0]
                 self.stop(job)
@@ -167,7 +168,7 @@ class DockerTrainJobRunner:
                                   f"with status {code}" + (" (killed)" if code == 137 else "") +
                                   "; the other nodes were stopped. Its log is above; retrying resumes from the last "
                                   "complete checkpoint")
-            if all(code == 0 for _, code in states):
+            if all(code == 0 for code in codes):
                 for thread in job.logs:
                     thread.join(10)
                 self.log(f"TrainJob {job.name} completed")
@@ -178,23 +179,27 @@ class DockerTrainJobRunner:
             time.sleep(self.poll_seconds)
 
     def stop(self, job: RunningJob) -> None:
+        from docker.errors import APIError
+
         for container in job.nodes:
             try:
                 container.kill()
-            except Exception:                               # exited already
+            except APIError:                                # exited already
                 pass
 
     def delete(self, job: RunningJob) -> None:
         """Removes the nodes' containers and the job's own network."""
+        from docker.errors import APIError
+
         for container in job.nodes:
             try:
                 container.remove(force=True)
-            except Exception:                               # gone already
+            except APIError:                                # gone already
                 pass
         if job.owns_network:
             try:
                 job.network.remove()
-            except Exception:
+            except APIError:
                 pass
         self.log(f"deleted TrainJob {job.name}")
 

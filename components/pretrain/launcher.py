@@ -399,16 +399,17 @@ def launch_pretraining(*, backend: str, data_dir: str, tokens_dir: str, params_f
     out = job_dir / "out"
     mapet_args = ["pretrain", "--params", str(job_dir / "params.yaml"), "--data", str(data_dir),
                   "--tokens", str(staged_tokens), "--out", str(out), "--resume"]
-    request = TrainJobRequest(name=job_name, command=torchrun_command(mapet_args), proc_per_node=proc_per_node,
-                              **(request or {}))
     if backend == "local":
         run_local(mapet_args, proc_per_node)
-    elif backend == "docker":
-        from components.pretrain.docker_backend import DockerTrainJobRunner
-
-        (launcher or DockerTrainJobRunner()).run(trainjob_manifest(request), timeout_seconds)
     else:
-        (launcher or kubernetes_launcher()).run(request, timeout_seconds)
+        job = TrainJobRequest(name=job_name, command=torchrun_command(mapet_args), proc_per_node=proc_per_node,
+                              **(request or {}))
+        if backend == "docker":
+            from components.pretrain.docker_backend import DockerTrainJobRunner
+
+            (launcher or DockerTrainJobRunner()).run(trainjob_manifest(job), timeout_seconds)
+        else:
+            (launcher or kubernetes_launcher()).run(job, timeout_seconds)
     if not (out / "backbone.safetensors").is_file():
         raise LaunchError(f"pre-training finished without writing {out / 'backbone.safetensors'}")
     return out
