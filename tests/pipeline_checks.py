@@ -40,10 +40,13 @@ def check_trained_run(run: Path, workspace: Path, pinned_repo: Path, steps_works
     for name in ("metrics", "scratch_metrics"):
         probe_metrics = probed[name]["artifacts"][0]["metadata"]
         assert probe_metrics["test_images"] == 20 and 0 <= probe_metrics["knn_top1"] <= 1, name
+        assert 0 < probe_metrics["pixels_linear_top1"] <= 1, name
     described = json.loads((run / "materialize-data" / "executor_output.json").read_text())["artifacts"]
     assert described["data"]["artifacts"][0]["metadata"]["data_md5"] == md5
     assert "data:image/png;base64," in (run / "pretrain" / "curves").read_text()
     summary = (run / "summarize" / "summary").read_text()
+    pixels = probed["metrics"]["artifacts"][0]["metadata"]["pixels_linear_top1"]
+    assert f"| probe, pre-trained backbone | pixels_linear_top1 | {pixels:.4f} |" in summary
     assert md5 in summary and "`pretrain.objective=mim`" in summary and f"| evaluation | top1 | {metrics['top1']:.4f} |" \
         in summary
 

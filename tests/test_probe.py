@@ -12,7 +12,8 @@ from mapet.data.dataset import read_manifest
 from mapet.data.reader import ShardDataset
 from mapet.data.transforms import pretrain_transform
 from mapet.engine.finetune import init_head_by_probe
-from mapet.engine.probe import extract_features, fit_linear, knn_top1, linear_top1
+from mapet.engine.probe import (ProbeSettings, extract_features, extract_pixels, fit_linear, flat_pixels, knn_top1,
+                                linear_top1, pixel_baseline)
 from test_pretrain import history, launch, finish, tokens, write_params  # noqa: F401 (fixture)
 
 CLASSES = 5
@@ -62,6 +63,7 @@ def test_probe_command_on_a_backbone_and_on_scratch(tokens, tmp_path, capsys):
     assert metrics["backbone"] == "scratch" and metrics["train_images"] == 64 and metrics["test_images"] == 16
     for key in ("knn_top1", "linear_top1"):
         assert 0 <= metrics[key] <= 1 and metrics[key] == metrics["avg"][key]
+        assert 0 < metrics[f"pixels_{key}"] <= 1
     assert (tmp_path / "probe" / "probe.png").stat().st_size > 1000
 
     assert main(["probe", "--params", str(params), "--backbone", str(tmp_path / "missing.safetensors")]) == 2
@@ -99,3 +101,27 @@ def test_probe_initialised_head_is_the_linear_probe_of_the_features_it_sees(toke
     images = torch.stack([image for image, _, _ in ShardDataset(data, "train", pretrain_transform(28), shards=shards)])
     accuracy = (model(images).argmax(dim=1) == labels).float().mean()
     assert accuracy > 0.5                                  # fitted: far above chance (0.1) on what it was fitted to
+
+
+def test_pixel_baseline_reads_out_one_grey_channel_standardised(tokens):
+    data, _ = tokens
+    settings = ProbeSettings(k=5, linear_iterations=50)
+    images, labels = extract_pixels(data, "train", 0, 28)
+    test_images, test_labels = extract_pixels(data, "test", 0, 28)
+    assert images.shape == (64, 3, 28, 28) and images.dtype == torch.uint8 and len(test_labels) == 16
+    assert torch.equal(images[:, 1], images[:, 0]) and images.float().std() > 0   # Fashion-MNIST: grey as RGB
+    train, test = images[:, 0].flatten(1).float(), test_images[:, 0].flatten(1).float()
+    mean, std = train.mean(dim=0), train.std(dim=0).clamp(min=1e-6)
+    expected = {"pixels_knn_top1": knn_top1((train - mean) / std, labels, (test - mean) / std, test_labels, 5, 0.07, 10),
+                "pixels_linear_top1": linear_top1(train, labels, test, test_labels, 50, 1e-4, 10)}
+    assert pixel_baseline(data, settings, 28, 10) == pytest.approx(expected, abs=1e-5)
+    assert 0 < expected["pixels_linear_top1"] <= 1
+
+
+def test_flat_pixels_keeps_one_channel_only_when_every_image_is_grey():
+    grey = torch.randint(0, 256, (4, 1, 2, 2), dtype=torch.uint8).expand(4, 3, 2, 2)
+    assert [x.shape for x in flat_pixels(grey, grey[:2])] == [(4, 4), (2, 4)]
+    colour = grey.clone()
+    colour[1, 2, 0, 0] ^= 1
+    assert [x.shape for x in flat_pixels(grey, colour)] == [(4, 12), (4, 12)]
+    torch.testing.assert_close(flat_pixels(colour)[0], colour.flatten(1).float())

@@ -42,6 +42,7 @@ def test_run_summary_names_the_versions_the_changes_and_the_numbers():
                         "fingerprint": "c" * 64},
                        ["pretrain.objective=mim", "preset=paper"],
                        {"pre-training": {"loss": 2.94221, "steps": 93.0, "images_per_s": 61.7, "other": 1.0},
+                        "probe, pre-trained backbone": {"linear_top1": 0.87, "pixels_linear_top1": 0.82451},
                         "evaluation": {"top1": 0.7585, "top5": 0.986, "images": 2000.0}},
                        "# Promotion to 'prod': **promoted**\n\n| | |\n")
     assert f"| commit | `{'a' * 40}` |" in text and f"| data version (data.dvc md5) | `{'b' * 32}` |" in text
@@ -49,5 +50,6 @@ def test_run_summary_names_the_versions_the_changes_and_the_numbers():
     assert text.endswith("\n\n## Promotion to 'prod': **promoted**\n\n| | |\n")       # the gate, one level down
     assert "| parameters changed for this run | `pretrain.objective=mim`, `preset=paper` |" in text
     assert "| pre-training | loss | 2.9422 |" in text and "| evaluation | top1 | 0.7585 |" in text
+    assert "| probe, pre-trained backbone | pixels_linear_top1 | 0.8245 |" in text
     assert "| pre-training | steps | 93 |" in text and "other" not in text and "fine-tuning" not in text
     assert "none: the repository's params.yaml as it is" in run_summary({}, [], {}, "")

@@ -7,7 +7,7 @@ from typing import Any
 
 # The numbers worth a line, per step, in this order; a step's other numbers stay in its Metrics.
 SHOWN = {"pre-training": ("loss", "token_accuracy", "knn_top1", "steps", "images_per_s"),
-         "probe, pre-trained backbone": ("knn_top1", "linear_top1"),
+         "probe, pre-trained backbone": ("knn_top1", "linear_top1", "pixels_knn_top1", "pixels_linear_top1"),
          "probe, random initialisation": ("knn_top1", "linear_top1"),
          "fine-tuning": ("loss", "steps"),
          "evaluation": ("top1", "top5", "images")}

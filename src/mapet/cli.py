@@ -291,7 +291,8 @@ def _probe(args: argparse.Namespace) -> None:
     write_json(out / "metrics.json", metrics)
     plot_probe(metrics, out / "probe.png")
     print(f"probe of {source}: k-NN top-1 {metrics['knn_top1']:.4f}, linear top-1 {metrics['linear_top1']:.4f} "
-          f"(average-pooled patches; CLS: {metrics['cls']['knn_top1']:.4f} / {metrics['cls']['linear_top1']:.4f}) "
+          f"(average-pooled patches; CLS: {metrics['cls']['knn_top1']:.4f} / {metrics['cls']['linear_top1']:.4f}; "
+          f"raw pixels: {metrics['pixels_knn_top1']:.4f} / {metrics['pixels_linear_top1']:.4f}) "
           f"on {metrics['test_images']} {settings.test_split} images; wrote {out}")
 
 

@@ -12,6 +12,11 @@ set) and the test split, each on two representations: the average of the patch t
 
 Images take the pre-training transform without jitter (the field of view the backbone learnt
 from). The same code runs inside pre-training as a monitor (``pretrain.probe_every``).
+
+The raw pixels are the baseline every backbone must beat: the same two read-outs on the
+flattened input images at the backbone's size (one channel where every image is grey), the k-NN
+on pixels standardised with the train split's statistics (``pixels_knn_top1``,
+``pixels_linear_top1``).
 """
 
 from __future__ import annotations
@@ -69,6 +74,13 @@ class FirstImages(torch.utils.data.IterableDataset):
             yield item
 
 
+def first_images(data: Path, split: str, limit: int, transform, batch_size: int, workers: int,
+                 shards: list[str] | None = None) -> DataLoader:
+    """Batches of the first ``limit`` images of ``split`` (all when 0), in shard order."""
+    images = FirstImages(ShardDataset(data, split, transform, shards=shards), limit)
+    return DataLoader(images, batch_size=batch_size, num_workers=workers)
+
+
 @torch.no_grad()
 def extract_features(backbone: VisionTransformer, data: Path, split: str, limit: int, batch_size: int = 256,
                      workers: int = 0, progress: bool = True,
@@ -77,16 +89,15 @@ def extract_features(backbone: VisionTransformer, data: Path, split: str, limit:
     first ``limit`` images of ``split`` (of ``shards`` only, if given). ``pre_logits`` is what the
     ViT's own head would see (its pooling and fc_norm). The backbone runs in eval mode and is
     left in the mode it was in."""
-    image_size = backbone.patch_embed.img_size[0]
-    images = FirstImages(ShardDataset(data, split, pretrain_transform(image_size), shards=shards), limit)
+    batches = first_images(data, split, limit, pretrain_transform(backbone.patch_embed.img_size[0]), batch_size,
+                           workers, shards)
     parameter = next(backbone.parameters())
     was_training = backbone.training
     backbone.eval()
     avg, cls, pre_logits, labels = [], [], [], []
     try:
-        for batch, batch_labels, _ in tqdm(DataLoader(images, batch_size=batch_size, num_workers=workers),
-                                           total=-(-len(images) // batch_size), desc=f"features {split}",
-                                           unit="batch", disable=not progress):
+        for batch, batch_labels, _ in tqdm(batches, total=len(batches), desc=f"features {split}", unit="batch",
+                                           disable=not progress):
             tokens = backbone.forward_features(batch.to(parameter.device, parameter.dtype))
             pre_logits.append(backbone.forward_head(tokens, pre_logits=True).float().cpu())
             tokens = tokens.float()
@@ -96,6 +107,37 @@ def extract_features(backbone: VisionTransformer, data: Path, split: str, limit:
     finally:
         backbone.train(was_training)
     return {"avg": torch.cat(avg), "cls": torch.cat(cls), "pre_logits": torch.cat(pre_logits)}, torch.cat(labels)
+
+
+def extract_pixels(data: Path, split: str, limit: int, image_size: int, batch_size: int = 256,
+                   workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 images (n, C, image_size, image_size), labels (n,)): the first ``limit`` images of
+    ``split`` as the backbone sees them, before normalisation."""
+    batches = first_images(data, split, limit, pretrain_transform(image_size, normalize=False), batch_size, workers)
+    images, labels = zip(*((batch, batch_labels) for batch, batch_labels, _ in batches))
+    return torch.cat(images), torch.cat(labels)
+
+
+def flat_pixels(*splits: torch.Tensor) -> list[torch.Tensor]:
+    """uint8 (n, C, H, W) images -> float (n, C x H x W); (n, H x W) where every image of every
+    split is grey (its channels equal), as the loader gives greyscale images in RGB."""
+    if all(bool((images == images[:, :1]).all()) for images in splits):
+        splits = [images[:, :1] for images in splits]
+    return [images.flatten(1).float() for images in splits]
+
+
+def pixel_baseline(data: Path, settings: ProbeSettings, image_size: int, num_classes: int) -> dict[str, float]:
+    """``pixels_knn_top1`` and ``pixels_linear_top1``: the probe's read-outs on the raw input."""
+    train, train_labels = extract_pixels(data, settings.train_split, settings.train_images, image_size,
+                                         settings.batch_size, settings.workers)
+    test, test_labels = extract_pixels(data, settings.test_split, settings.test_images, image_size,
+                                       settings.batch_size, settings.workers)
+    train, test = flat_pixels(train, test)
+    mean, std = train.mean(dim=0), train.std(dim=0).clamp(min=1e-6)
+    return {"pixels_knn_top1": round(knn_top1((train - mean) / std, train_labels, (test - mean) / std, test_labels,
+                                              settings.k, settings.temperature, num_classes), 5),
+            "pixels_linear_top1": round(linear_top1(train, train_labels, test, test_labels, settings.linear_iterations,
+                                                    settings.linear_weight_decay, num_classes), 5)}
 
 
 def knn_top1(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor,
@@ -156,7 +198,8 @@ def knn_monitor(backbone: VisionTransformer, data: Path, settings: ProbeSettings
 def run_probe(backbone: VisionTransformer, data: Path, settings: ProbeSettings, num_classes: int,
               progress: bool = True) -> dict[str, Any]:
     """The k-NN and linear-probe top-1 of ``backbone``'s features, for both representations;
-    ``knn_top1`` and ``linear_top1`` at the top level are the average-pooled ones."""
+    ``knn_top1`` and ``linear_top1`` at the top level are the average-pooled ones, beside the raw
+    pixels' (:func:`pixel_baseline`)."""
     train, train_labels = extract_features(backbone, data, settings.train_split, settings.train_images,
                                            settings.batch_size, settings.workers, progress)
     test, test_labels = extract_features(backbone, data, settings.test_split, settings.test_images,
@@ -176,20 +219,24 @@ def run_probe(backbone: VisionTransformer, data: Path, settings: ProbeSettings, 
         }
         results[name] = {key: round(value, 5) for key, value in results[name].items()}
     return {"knn_top1": results["avg"]["knn_top1"], "linear_top1": results["avg"]["linear_top1"], **results,
+            **pixel_baseline(data, settings, backbone.patch_embed.img_size[0], num_classes),
             "train_images": len(train_labels), "test_images": len(test_labels), "k": settings.k,
             "temperature": settings.temperature}
 
 
 def plot_probe(metrics: dict[str, Any], path: Path) -> None:
-    """Bars of every read-out, for both representations."""
+    """Bars of every read-out, for both representations and the raw pixels."""
     readouts = [("knn_top1", f"k-NN, k = {metrics['k']}"), ("knn_top1_k10", "k-NN, k = 10"), ("linear_top1", "linear")]
-    figure, axes = plt.subplots(figsize=(6, 3))
-    for offset, (representation, label) in enumerate((("avg", "average of patches"), ("cls", "CLS"))):
-        values = [metrics[representation][key] for key, _ in readouts]
-        axes.barh([i * 3 + offset for i in range(len(readouts))], values, label=label)
-        for i, value in enumerate(values):
-            axes.text(value, i * 3 + offset, f" {value:.3f}", va="center", fontsize=8)
-    axes.set_yticks([i * 3 + 0.5 for i in range(len(readouts))], [name for _, name in readouts])
+    series = [(label, [metrics[representation][key] for key, _ in readouts])
+              for representation, label in (("avg", "average of patches"), ("cls", "CLS"))]
+    series.append(("raw pixels", [metrics.get(f"pixels_{key}") for key, _ in readouts]))
+    figure, axes = plt.subplots(figsize=(6, 3.4))
+    for offset, (label, values) in enumerate(series):
+        rows = [(i * 4 + offset, value) for i, value in enumerate(values) if value is not None]
+        axes.barh([row for row, _ in rows], [value for _, value in rows], label=label)
+        for row, value in rows:
+            axes.text(value, row, f" {value:.3f}", va="center", fontsize=8)
+    axes.set_yticks([i * 4 + 1 for i in range(len(readouts))], [name for _, name in readouts])
     axes.set(xlim=(0, 1.1), xlabel=f"top-1 on {metrics['test_images']} test images",
              title=f"frozen features of {Path(metrics['backbone']).name}")
     axes.legend(loc="lower right", fontsize=8)
