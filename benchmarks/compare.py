@@ -14,7 +14,9 @@ the scratch run of seed S is compared with the pre-trained runs of seed S. Each 
 --temp` named ``cmp-<arm>-s<seed>`` (the workspace is left as it is; DVC's run cache skips the
 stages an arm shares with another, such as the tokens). The tables are written to
 OUT/results.json (one record per run: objective, init, seed, top1, top5, knn_top1, linear_top1,
-loss) and OUT/results.md (mean +- std per arm, then every run).
+loss, and the raw pixels' pixels_knn_top1 and pixels_linear_top1, the baseline every backbone must
+beat) and OUT/results.md (mean +- std per arm, the paired differences between arms with their 95 %
+intervals, then every run).
 
 ``--direct WORK`` runs the same arms without DVC (a GPU machine that has the mapet package but not
 DVC): each run's `mapet` commands, as dvc.yaml's stages call them, in WORK/<name> on the dataset
@@ -33,6 +35,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import scipy.stats
 
 from mapet.files import write_json, write_text
 
@@ -113,7 +117,67 @@ def record(objective: str, init: str, seed: int, metrics: dict[str, dict]) -> di
     pretrained = init == "pretrained"
     return {"objective": objective, "init": init, "seed": seed, "top1": evaluated["top1"],
             "top5": evaluated.get("top5"), "knn_top1": probed["knn_top1"], "linear_top1": probed["linear_top1"],
-            "loss": metrics["outputs/pretrain/metrics.json"]["loss"] if pretrained else None}
+            "loss": metrics["outputs/pretrain/metrics.json"]["loss"] if pretrained else None,
+            "pixels_knn_top1": probed.get("pixels_knn_top1"), "pixels_linear_top1": probed.get("pixels_linear_top1")}
+
+
+def arm_name(record: dict) -> str:
+    return record["objective"] if record["init"] == "pretrained" else "scratch"
+
+
+def paired_differences(records: list[dict], metric: str) -> list[dict]:
+    """MaPeT - PLM, MaPeT - MIM and every arm - scratch: the mean of the per-seed differences
+    (the seeds both arms ran) with its 95 % interval (paired t; none below two seeds)."""
+    by_arm: dict[str, dict[int, float]] = {}
+    for r in records:
+        if r.get(metric) is not None:
+            by_arm.setdefault(arm_name(r), {})[r["seed"]] = r[metric]
+    pairs = [("mapet", "plm"), ("mapet", "mim")] + [(arm, "scratch") for arm in by_arm if arm != "scratch"]
+    rows = []
+    for first, second in pairs:
+        seeds = sorted(set(by_arm.get(first, {})) & set(by_arm.get(second, {})))
+        if not seeds:
+            continue
+        differences = [by_arm[first][seed] - by_arm[second][seed] for seed in seeds]
+        mean = statistics.mean(differences)
+        half = (scipy.stats.t.ppf(0.975, len(seeds) - 1) * statistics.stdev(differences) / len(seeds) ** 0.5
+                if len(seeds) > 1 else None)
+        rows.append({"pair": f"{first} - {second}", "seeds": len(seeds), "mean": mean, "differences": differences,
+                     "low": None if half is None else mean - half, "high": None if half is None else mean + half})
+    return rows
+
+
+def verdict(row: dict) -> str:
+    if row["low"] is None:
+        return "one seed: no interval"
+    if row["low"] > 0:
+        return f"{row['pair'].split(' - ')[0]} ahead"
+    if row["high"] < 0:
+        return f"{row['pair'].split(' - ')[1]} ahead"
+    return "not resolved (the interval holds 0)"
+
+
+def pixels_line(records: list[dict]) -> str:
+    """The raw pixels' read-outs (the same for every run of one data set and probe), or nothing."""
+    shown = {(r.get("pixels_knn_top1"), r.get("pixels_linear_top1")) for r in records} - {(None, None)}
+    if not shown:
+        return ""
+    values = "; ".join(f"k-NN {knn:.4f}, linear {linear:.4f}" for knn, linear in sorted(shown))
+    return (f"The baseline, raw pixels through the same probe (flattened, standardised): {values}. A backbone whose "
+            f"frozen features score below it has learnt less than its input already holds.\n\n")
+
+
+def differences_table(records: list[dict]) -> str:
+    """Markdown: the paired differences of fine-tuned top-1 and of the linear probe, in points."""
+    lines = ["| metric | pair | seeds | mean difference | 95 % interval | per seed | reading |",
+             "|---|---|---|---|---|---|---|"]
+    for metric in ("top1", "linear_top1"):
+        for row in paired_differences(records, metric):
+            interval = "" if row["low"] is None else f"[{100 * row['low']:+.2f}, {100 * row['high']:+.2f}]"
+            per_seed = ", ".join(f"{100 * d:+.1f}" for d in row["differences"])
+            lines.append(f"| {metric} | {row['pair']} | {row['seeds']} | {100 * row['mean']:+.2f} | {interval} | "
+                         f"{per_seed} | {verdict(row)} |")
+    return "\n".join(lines) + "\n"
 
 
 def table(records: list[dict]) -> str:
@@ -128,7 +192,7 @@ def table(records: list[dict]) -> str:
     lines = ["| arm | runs | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for arm in dict.fromkeys((r["objective"], r["init"]) for r in records):
         runs = [r for r in records if (r["objective"], r["init"]) == arm]
-        name = arm[0] if arm[1] == "pretrained" else "scratch"
+        name = arm_name(runs[0])
         cells = [spread([r[c] for r in runs if r[c] is not None]) for c in columns]
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
     lines += ["", "| objective | init | seed | " + " | ".join(columns) + " |", "|---|---|---|" + "---|" * len(columns)]
@@ -213,7 +277,10 @@ def write_tables(records: list[dict], args: argparse.Namespace) -> None:
     write_text(args.out / "results.md", f"# Objectives compared\n\nSeeds {', '.join(map(str, seeds))}; "
                      f"overrides of params.yaml: {overrides}. Top-1/top-5: the fine-tuned classifier on the test "
                      f"split; k-NN and linear: the frozen backbone (`mapet probe`, average-pooled patches); loss: "
-                     f"pre-training's last step.\n\n" + table(records))
+                     f"pre-training's last step.\n\n{pixels_line(records)}" + table(records) +
+               "\n## Paired differences\n\nPer seed, the first arm minus the second (the same seed in both), in "
+               "points of top-1: their mean and its 95 % interval (paired t over the seeds). An interval "
+               "holding 0 does not rank the two arms.\n\n" + differences_table(records))
     print(f"wrote {args.out / 'results.json'} and {args.out / 'results.md'} ({len(records)} runs)", flush=True)
 
 

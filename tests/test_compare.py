@@ -31,8 +31,10 @@ def test_compare_runs_each_arm_as_an_experiment_and_writes_the_tables(tmp_path):
     records = json.loads((repo / "reports" / "compare" / "results.json").read_text())
     assert [(r["objective"], r["init"], r["seed"]) for r in records] == [("plm", "pretrained", 3), ("none", "scratch", 3)]
     for r in records:
-        assert set(r) == {"objective", "init", "seed", "top1", "top5", "knn_top1", "linear_top1", "loss"}
+        assert set(r) == {"objective", "init", "seed", "top1", "top5", "knn_top1", "linear_top1", "loss",
+                          "pixels_knn_top1", "pixels_linear_top1"}
         assert 0 <= r["top1"] <= r["top5"] <= 1 and 0 <= r["knn_top1"] <= 1 and 0 <= r["linear_top1"] <= 1
+        assert 0 < r["pixels_linear_top1"] <= 1
     assert records[0]["loss"] > 0 and records[1]["loss"] is None
     shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=repo))
     names = {e.get("name") for entry in shown for e in entry.get("experiments") or []}
@@ -40,7 +42,10 @@ def test_compare_runs_each_arm_as_an_experiment_and_writes_the_tables(tmp_path):
     params = {e["name"]: e["revs"][0]["data"]["params"]["params.yaml"]["data"]
               for entry in shown for e in entry.get("experiments") or [] if e.get("name")}
     assert params["cmp-scratch-s3"]["finetune"]["init"] == "scratch" and params["cmp-plm-s3"]["pretrain"]["seed"] == 3
-    assert "| plm | 1 |" in (repo / "reports" / "compare" / "results.md").read_text()
+    assert records[0]["pixels_linear_top1"] == records[1]["pixels_linear_top1"]          # the same data and probe
+    report = (repo / "reports" / "compare" / "results.md").read_text()
+    assert "| plm | 1 |" in report and f"linear {records[0]['pixels_linear_top1']:.4f}" in report
+    assert "| top1 | plm - scratch | 1 |" in report and "one seed: no interval" in report
 
 
 @pytest.mark.slow
@@ -59,6 +64,30 @@ def test_compare_direct_runs_the_stages_without_dvc(tokens, tmp_path):
     assert "objective: mim" in params and "embed_dim: 32" in params
     assert not (tmp_path / "work" / "cmp-scratch-s5" / "outputs" / "pretrain").exists()    # scratch: no pre-training
     assert "| mim | 1 |" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_paired_differences_give_the_t_interval_over_the_common_seeds():
+    from benchmarks.compare import differences_table, paired_differences
+
+    def run(objective, seed, top1):
+        init = "scratch" if objective == "none" else "pretrained"
+        return {"objective": objective, "init": init, "seed": seed, "top1": top1, "linear_top1": None}
+
+    records = [run("mapet", s, t) for s, t in ((0, 0.80), (1, 0.82), (2, 0.81), (3, 0.90))]
+    records += [run("plm", s, t) for s, t in ((0, 0.79), (1, 0.80), (2, 0.81))]
+    records += [run("none", s, t) for s, t in ((0, 0.70), (1, 0.71), (2, 0.69), (3, 0.70))]
+    rows = {row["pair"]: row for row in paired_differences(records, "top1")}
+    assert set(rows) == {"mapet - plm", "mapet - scratch", "plm - scratch"}             # no mim: no mapet - mim
+    plm = rows["mapet - plm"]
+    assert plm["seeds"] == 3 and plm["differences"] == pytest.approx([0.01, 0.02, 0.0])  # seed 3: plm did not run
+    # mean 0.01, sample sd 0.01, t(0.975, 2) = 4.3027: 0.01 +- 4.3027 * 0.01 / sqrt(3)
+    assert (plm["mean"], plm["low"], plm["high"]) == pytest.approx((0.01, 0.01 - 0.024842, 0.01 + 0.024842), abs=1e-6)
+    scratch = rows["mapet - scratch"]
+    assert scratch["seeds"] == 4 and scratch["low"] > 0
+    table = differences_table(records)
+    assert "| top1 | mapet - plm | 3 | +1.00 | [-1.48, +3.48] | +1.0, +2.0, +0.0 | not resolved (the interval holds 0) |" \
+        in table
+    assert "| top1 | mapet - scratch | 4 |" in table and "mapet ahead |" in table and "linear_top1" not in table
 
 
 def test_merge_keeps_the_runs_of_other_seeds(tmp_path):
