@@ -86,3 +86,16 @@ def test_an_uncommitted_run_is_refused_with_what_to_do(repo, capsys):
                  "--out", str(repo / "outputs" / "promotion")]) == 2
     assert "outputs/evaluate/metrics.json is not committed at HEAD: run `dvc repro`, then commit" in \
         capsys.readouterr().err
+
+
+def test_mapet_registry_list_reads_gtos_registry(repo, capsys):
+    first = commit_run(repo, 0.700)
+    promote(repo, capsys)
+    second = commit_run(repo, 0.703)
+    promote(repo, capsys)
+    assert main(["registry", "list", "--repo", str(repo), "--params", str(repo / "params.yaml")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"GTO's registry in {repo} (git tags)" and lines[1].split()[:3] == ["version", "stage", "test"]
+    assert lines[2].split()[:4] == ["v0.0.2", "none", "0.7030", yaml.safe_load((repo / "data.dvc").read_text())[
+        "outs"][0]["md5"][:8]] and second[:12] in lines[2]
+    assert lines[3].split()[:3] == ["v0.0.1", "prod", "0.7000"] and first[:12] in lines[3]

@@ -9,8 +9,10 @@ import yaml
 
 from mapet.errors import MapetError
 from mapet.params import load_params
-from mapet.retraining import (KubeflowRegistry, WorkspaceRegistry, code_revision, fingerprint, gate, holding,
-                              next_version, skip_decision)
+from mapet.registry.fingerprint import code_revision, fingerprint, skip_decision
+from mapet.registry.gate import gate, holding, next_version
+from mapet.registry.kubeflow import KubeflowRegistry
+from mapet.registry.workspace import WorkspaceRegistry
 from tests.fake_model_registry import FakeModelRegistry
 from tests.tiny_repo import TINY_PARAMS
 

@@ -18,7 +18,7 @@ import yaml
 
 from components.runtime import StepError, mapet, require_writable_workspace
 from mapet.params import load_params
-from mapet.retraining import code_revision, fingerprint
+from mapet.registry.fingerprint import code_revision, fingerprint
 
 COMPLETE = ".complete"
 
@@ -121,7 +121,7 @@ def materialize(repo_url: str, git_rev: str, workspace: str | Path, dvc_remote: 
                 params_out: str | Path, git_secret: str = "mapet-git", dvc_secret: str = "mapet-dvc-remote"
                 ) -> dict[str, Any]:
     """Returns the data's description: its path on the workspace, the commit, the md5, and the
-    run's fingerprint (:func:`mapet.retraining.fingerprint`) with the code revision in it.
+    run's fingerprint (:func:`mapet.registry.fingerprint.fingerprint`) with the code revision in it.
     ``git_secret`` names the Secret whose credentials (see :func:`git_environment`) clone a
     private repository, ``dvc_secret`` the one whose keys are the DVC remote's credentials."""
     require_writable_workspace(workspace)

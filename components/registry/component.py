@@ -12,7 +12,8 @@ def check_registry(fingerprint: str, registry_url: str, registry_model: str, wor
     off, else "train"; the reason in `report`."""
     from pathlib import Path
 
-    from mapet.retraining import open_registry, skip_decision
+    from mapet.registry import open_registry
+    from mapet.registry.fingerprint import skip_decision
 
     skip, reason = skip_decision(open_registry(registry_url, Path(workspace), registry_model), fingerprint, force)
     Path(report.path).write_text(reason)
@@ -29,7 +30,7 @@ def promotion_gate(data: Input[Dataset], params: Input[Artifact], evaluate_metri
     from pathlib import Path
 
     from components.registry.gate import run_gate
-    from mapet.registry import decision_markdown
+    from mapet.registry.gate import decision_markdown
 
     outcome = run_gate(dict(data.metadata), Path(params.path), dict(evaluate_metrics.metadata), Path(classifier.path),
                        classifier.uri, Path(backbone.path), backbone.uri, registry_url, registry_model,

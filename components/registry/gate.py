@@ -1,6 +1,6 @@
 """The promotion gate's run-time part: keep the candidate's models on the workspace (where a later
 gate re-evaluates a champion), describe the candidate for the registry, and let
-:func:`mapet.retraining.gate` decide."""
+:func:`mapet.registry.gate.gate` decide."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from mapet.params import load_params, param
-from mapet.registry import Decision
-from mapet.retraining import Properties, gate, open_registry, training_params
+from mapet.registry import open_registry
+from mapet.registry.fingerprint import training_params
+from mapet.registry.gate import Decision, Properties, gate
 
 
 def keep_models(workspace: Path, run_id: str, classifier: Path, backbone: Path) -> tuple[Path, Path]:

@@ -38,7 +38,8 @@ def _weights_import(args: argparse.Namespace) -> None:
 
 
 def _promote(args: argparse.Namespace) -> None:
-    from mapet.registry import promote, write_decision
+    from mapet.registry.gate import write_decision
+    from mapet.registry.gto import promote
 
     params = load_params(args.params)
     decision = promote(Path(args.repo), args.rev, Path(args.data or param(params, "data.dir")),
@@ -51,17 +52,26 @@ def _promote(args: argparse.Namespace) -> None:
 
 
 def _registry_list(args: argparse.Namespace) -> None:
-    from mapet.retraining import open_registry, version_table
+    from mapet.registry import open_registry
+    from mapet.registry.gate import version_table
+    from mapet.registry.gto import GTORegistry
 
-    arguments = (load_params(args.params).get("pipeline") or {}).get("arguments") or {}
+    params = load_params(args.params)
+    arguments = (params.get("pipeline") or {}).get("arguments") or {}
     url = (arguments.get("registry_url") or "") if args.url is None else args.url
-    if not url and not args.workspace:
+    if not (url or args.workspace or args.repo):
         raise MapetError("no registry to read: pass --url (Kubeflow Model Registry, or set "
-                         "pipeline.arguments.registry_url) or --workspace (the folder mounted at /workspace, e.g. "
-                         "outputs/pipeline-workspace after `python -m pipelines.cli local`)")
-    if args.workspace and not Path(args.workspace).is_dir():
-        raise MapetError(f"--workspace {args.workspace}: no such folder")
-    registry = open_registry(url, Path(args.workspace or "."), args.model or arguments.get("registry_model") or "mapet")
+                         "pipeline.arguments.registry_url), --workspace (the folder mounted at /workspace, e.g. "
+                         "outputs/pipeline-workspace after `python -m pipelines.cli local`) or --repo (a git "
+                         "repository's GTO registry, where `mapet promote` registers)")
+    for option, folder in (("--workspace", args.workspace), ("--repo", args.repo)):
+        if folder and not Path(folder).is_dir():
+            raise MapetError(f"{option} {folder}: no such folder")
+    if args.repo:
+        registry = GTORegistry(Path(args.repo), param(params, "pipeline.promotion.stage"))
+    else:
+        registry = open_registry(url, Path(args.workspace or "."),
+                                 args.model or arguments.get("registry_model") or "mapet")
     print(f"{registry.where}\n{version_table(registry)}")
 
 
@@ -210,7 +220,7 @@ def _tokenize(args: argparse.Namespace) -> None:
 
 
 def _pretrain(args: argparse.Namespace) -> None:
-    from mapet.engine.common import loop_settings
+    from mapet.engine.steps import loop_settings
     from mapet.engine.pretrain import PretrainSettings, run_pretrain
     from mapet.engine.probe import ProbeSettings
 
@@ -232,7 +242,7 @@ def _pretrain(args: argparse.Namespace) -> None:
 
 
 def _finetune(args: argparse.Namespace) -> None:
-    from mapet.engine.common import loop_settings
+    from mapet.engine.steps import loop_settings
     from mapet.engine.finetune import FinetuneSettings, run_finetune
 
     params = load_params(args.params)
@@ -290,8 +300,9 @@ def _probe(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", metrics)
     plot_probe(metrics, out / "probe.png")
-    print(f"probe of {source}: k-NN top-1 {metrics['knn_top1']:.4f}, linear top-1 {metrics['linear_top1']:.4f} "
-          f"(average-pooled patches; CLS: {metrics['cls']['knn_top1']:.4f} / {metrics['cls']['linear_top1']:.4f}; "
+    print(f"probe of {source}: k-NN top-1 {metrics['knn_top1']:.4f} (average of patches), linear top-1 "
+          f"{metrics['linear_top1']:.4f} (CLS and average; average alone {metrics['avg']['linear_top1']:.4f}; "
+          f"CLS: {metrics['cls']['knn_top1']:.4f} / {metrics['cls']['linear_top1']:.4f}; "
           f"raw pixels: {metrics['pixels_knn_top1']:.4f} / {metrics['pixels_linear_top1']:.4f}) "
           f"on {metrics['test_images']} {settings.test_split} images; wrote {out}")
 
@@ -422,15 +433,17 @@ def build_parser() -> argparse.ArgumentParser:
     promote_command.add_argument("--out", default="outputs/promotion", help="decision.json and decision.md "
                                  "(default: %(default)s)")
 
-    registry = commands.add_parser("registry", help="The pipeline's model registry.",
-                                   description="The pipeline's model registry.")
+    registry = commands.add_parser("registry", help="The model registries: the pipeline's, and GTO's.",
+                                   description="The model registries: the pipeline's, and GTO's.")
     registry_commands = registry.add_subparsers(dest="registry_command", required=True, metavar="COMMAND")
     listing = command(registry_commands, "list", _registry_list,
-                      "The versions the pipeline registered, newest first: stage, test top-1, data, commit, fingerprint.")
+                      "The registered versions, newest first: stage, test top-1, data, commit, fingerprint.")
     listing.add_argument("--url", help="Kubeflow Model Registry, http://HOST:PORT (default: "
                          "pipeline.arguments.registry_url)")
     listing.add_argument("--workspace", help="without a URL: the workspace folder whose registry/ to read")
     listing.add_argument("--model", help="the registered model (default: pipeline.arguments.registry_model, mapet)")
+    listing.add_argument("--repo", help="instead: the classifier versions of this git repository's GTO registry "
+                         "(`mapet promote`), the stage pipeline.promotion.stage")
 
     export = command(commands, "export", _export,
                      "Write a pre-trained model's backbone as a timm-loadable safetensors file.")
