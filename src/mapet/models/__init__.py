@@ -1,4 +1,5 @@
-"""Model factory, checkpoint files and export of the pre-trained backbone to timm.
+"""Model factory, the model files (read and written through :mod:`mapet.checkpoints`) and export
+of the pre-trained backbone to timm.
 
 Files are safetensors with their description in the header metadata, so one file says what it
 holds: ``kind`` ("pretrain" or "backbone"), ``backbone`` (timm model name), ``timm_kwargs``
@@ -14,16 +15,15 @@ from pathlib import Path
 
 import timm
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
+from mapet.checkpoints import load_weights, read_model_file, write_model_file
 from mapet.errors import MapetError
 from mapet.masking import OBJECTIVES
 from mapet.models.pretrain import MaskedImageModel, PretrainModel, TwoStreamModel
 
 __all__ = ["create_pretrain_model", "export_backbone", "init_pretrain_model", "load_backbone", "load_backbone_file",
-           "load_classifier", "load_pretrain_model", "load_weights",
+           "load_classifier", "load_pretrain_model",
            "save_backbone", "save_classifier", "save_pretrain_model", "PretrainModel", "TwoStreamModel",
            "MaskedImageModel"]
 
@@ -66,29 +66,6 @@ def export_backbone(model: PretrainModel, state_dict: dict[str, torch.Tensor] | 
             if name.startswith("backbone.")}
 
 
-def _save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(partial), metadata=metadata)
-    os.replace(partial, path)
-
-
-def _load(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    path = Path(path)
-    if not path.is_file():
-        raise MapetError(f"{path}: no such file (expected a {kind} model file written by mapet)")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    except (SafetensorError, ValueError, OSError) as error:
-        raise MapetError(f"{path}: not a readable safetensors file ({error})") from error
-    if metadata.get("kind") != kind:
-        raise MapetError(f"{path}: holds a {metadata.get('kind', 'unlabelled')!r} model, expected a {kind!r} model")
-    return tensors, metadata
-
-
 def save_pretrain_model(model: PretrainModel, path: str | os.PathLike, provenance: dict | None = None,
                         state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write the whole pre-training model (backbone, mask token, token head) with its description
@@ -98,35 +75,21 @@ def save_pretrain_model(model: PretrainModel, path: str | os.PathLike, provenanc
                 "vocab_size": str(model.vocab_size), "timm_kwargs": json.dumps(model.timm_kwargs)}
     if provenance is not None:
         metadata["provenance"] = json.dumps(provenance)
-    _save(model.state_dict() if state_dict is None else state_dict, metadata, path)
+    write_model_file(model.state_dict() if state_dict is None else state_dict, metadata, path)
 
 
 def load_pretrain_model(path: str | os.PathLike) -> PretrainModel:
-    tensors, meta = _load(path, "pretrain")
+    tensors, meta = read_model_file(path, "pretrain")
     model = create_pretrain_model(meta["objective"], meta["backbone"], int(meta["vocab_size"]),
                                   **json.loads(meta["timm_kwargs"]))
     model.load_state_dict(tensors)
     return model
 
 
-def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    """Every weight of ``model`` from ``state`` and nothing else, each shape as the model's."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{key} {tuple(state[key].shape)} (the ViT needs {tuple(expected[key].shape)})"
-             for key in sorted(set(state) & set(expected)) if state[key].shape != expected[key].shape]
-    if missing or unexpected or wrong:
-        problems = [f"missing {', '.join(missing[:8])}" if missing else "", f"not expected {', '.join(unexpected[:8])}"
-                    if unexpected else "", f"shapes {'; '.join(wrong[:4])}" if wrong else ""]
-        raise MapetError(f"{path}: does not fit the model: {'; '.join(p for p in problems if p)}")
-    model.load_state_dict({key: tensor.to(expected[key].dtype) for key, tensor in state.items()})
-
-
 def init_pretrain_model(model: PretrainModel, path: str | os.PathLike) -> None:
     """Start ``model`` from the weights of a pre-training model file (``mapet pretrain --init``):
     the same ViT and token count, whatever objective wrote it."""
-    tensors, meta = _load(path, "pretrain")
+    tensors, meta = read_model_file(path, "pretrain")
     if int(meta["vocab_size"]) != model.vocab_size:
         raise MapetError(f"{path}: predicts {meta['vocab_size']} tokens; the token file of this run has "
                          f"{model.vocab_size}")
@@ -136,7 +99,7 @@ def init_pretrain_model(model: PretrainModel, path: str | os.PathLike) -> None:
 def save_backbone(model: PretrainModel, path: str | os.PathLike,
                   state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write :func:`export_backbone` (of ``state_dict`` if given) as a safetensors file that timm can load."""
-    _save(export_backbone(model, state_dict), {"kind": "backbone", "backbone": model.backbone_name,
+    write_model_file(export_backbone(model, state_dict), {"kind": "backbone", "backbone": model.backbone_name,
                                                "objective": model.objective,
                                                "timm_kwargs": json.dumps(model.timm_kwargs)}, path)
 
@@ -148,7 +111,7 @@ def load_backbone(model: VisionTransformer, path: str | os.PathLike) -> list[str
     (the pre-training ``norm`` then goes unused, as in BEiT and MAE); any other missing or
     unexpected weight is an error, so nothing is silently re-initialised.
     """
-    tensors, _ = _load(path, "backbone")
+    tensors, _ = read_model_file(path, "backbone")
     if isinstance(model.norm, torch.nn.Identity):
         tensors = {name: tensor for name, tensor in tensors.items() if not name.startswith("norm.")}
     result = model.load_state_dict(tensors, strict=False)
@@ -162,7 +125,7 @@ def load_backbone(model: VisionTransformer, path: str | os.PathLike) -> list[str
 
 def load_backbone_file(path: str | os.PathLike) -> VisionTransformer:
     """The ViT that a backbone file describes, with its weights and no classifier head."""
-    tensors, meta = _load(path, "backbone")
+    tensors, meta = read_model_file(path, "backbone")
     model = timm.create_model(meta["backbone"], num_classes=0, **json.loads(meta["timm_kwargs"]))
     model.load_state_dict(tensors)
     return model
@@ -173,13 +136,13 @@ def save_classifier(model: VisionTransformer, backbone: str, timm_kwargs: dict, 
                     state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """A fine-tuned classifier with what rebuilds it: timm name, arguments, class names;
     ``state_dict``: the weights to write instead of the model's own (e.g. fp32 master weights)."""
-    _save(model.state_dict() if state_dict is None else state_dict,
+    write_model_file(model.state_dict() if state_dict is None else state_dict,
           {"kind": "classifier", "backbone": backbone, "timm_kwargs": json.dumps(timm_kwargs),
            "classes": json.dumps(classes), "provenance": json.dumps(provenance or {})}, path)
 
 
 def load_classifier(path: str | os.PathLike) -> tuple[VisionTransformer, list[str], dict]:
-    tensors, meta = _load(path, "classifier")
+    tensors, meta = read_model_file(path, "classifier")
     model = timm.create_model(meta["backbone"], **json.loads(meta["timm_kwargs"]))
     model.load_state_dict(tensors)
     return model, json.loads(meta["classes"]), json.loads(meta.get("provenance", "{}"))

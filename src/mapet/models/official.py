@@ -17,52 +17,22 @@ every standard ViT unless given.
 
 from __future__ import annotations
 
-import argparse
 import re
 from pathlib import Path
 
 import timm
 import torch
 
+from mapet.checkpoints import load_weights, read_state_dict
 from mapet.errors import MapetError
 from mapet.files import file_sha256
 
-STATE_DICT_KEYS = ("state_dict", "model", "state_dict_ema")
 SIZE_NAMES = {192: "tiny", 384: "small", 768: "base", 1024: "large"}
 BLOCK_KEY = re.compile(r"blocks\.(\d+)\.(norm1|norm2|attn\.q|attn\.kv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)$"
                        r"|blocks\.(\d+)\.(ls1|ls2)\.gamma$")
 TRUNK_KEYS = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"}
 CLASSIFIER_KEYS = {"fc_norm.weight", "fc_norm.bias", "norm.weight", "norm.bias", "head.weight", "head.bias"}
 PRETRAIN_KEYS = {"norm.weight", "norm.bias", "mask_positional_token", "decoder.weight", "decoder.bias"}
-
-
-def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
-    """(state dict, where in the file it was). The file is read with torch's safe unpickler
-    (tensors, containers and the argparse Namespace of the training arguments only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MapetError(f"{path}: no such checkpoint file")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            document = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:      # torch raises UnpicklingError, RuntimeError or EOFError for what it cannot read
-        raise MapetError(f"{path}: not a PyTorch checkpoint that can be read safely "
-                         f"({str(error).splitlines()[0][:200]})") from error
-    if _is_state_dict(document):
-        found, where = document, "the top level"
-    else:
-        where = next((key for key in STATE_DICT_KEYS if isinstance(document, dict) and _is_state_dict(document.get(key))),
-                     None)
-        if where is None:
-            keys = ", ".join(map(str, document)) if isinstance(document, dict) else type(document).__name__
-            raise MapetError(f"{path}: no state dict at the top level or under {', '.join(STATE_DICT_KEYS)} "
-                             f"(the file holds: {keys})")
-        found = document[where]
-    return {name.removeprefix("module."): tensor for name, tensor in found.items()}, where
-
-
-def _is_state_dict(value) -> bool:
-    return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
 
 
 def vit_arguments(state: dict[str, torch.Tensor], path: Path, num_heads: int | None = None) -> dict:
@@ -117,7 +87,7 @@ def import_official_mapet(source: Path, out: Path, classes: list[str] | None = N
                           num_heads: int | None = None) -> str:
     """Writes ``out`` (a classifier or a pre-training model file, whichever ``source`` holds);
     returns a one-line description."""
-    from mapet.models import create_pretrain_model, load_weights, save_classifier, save_pretrain_model
+    from mapet.models import create_pretrain_model, save_classifier, save_pretrain_model
 
     source, out = Path(source), Path(out)
     state, where = read_state_dict(source)

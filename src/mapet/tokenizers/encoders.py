@@ -192,8 +192,7 @@ class VQKDEncoder(PatchEncoder):
     def __init__(self, pretrained: str | None, input_size: int | None = None):
         import timm
 
-        from mapet.models import load_weights
-        from mapet.models.official import read_state_dict
+        from mapet.checkpoints import load_weights, read_state_dict
 
         if not pretrained or not Path(pretrained).is_file():
             raise MapetError(f"tokenizer.encoder.pretrained: {'no VQ-KD checkpoint at ' + repr(pretrained) if pretrained else 'not set'}; "
