@@ -134,7 +134,7 @@ def test_token_file_for_other_data_is_refused_before_training(tokens, tmp_path, 
 
 
 def test_finetune_loads_every_backbone_weight(tmp_path):
-    from mapet.engine.common import loop_settings
+    from mapet.engine.steps import loop_settings
     from mapet.engine.finetune import FinetuneSettings, build_classifier
     from mapet.models import create_pretrain_model, save_backbone
 

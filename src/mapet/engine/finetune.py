@@ -19,8 +19,8 @@ from timm.loss import SoftTargetCrossEntropy
 from mapet.data.dataset import read_description, read_manifest
 from mapet.data.reader import ShardDataset
 from mapet.data.transforms import finetune_transform
-from mapet.engine.common import (fp32_state_dict, make_engine, plan_steps, resume_state, select_shards,
-                                 train_steps)
+from mapet.engine.deepspeed_engine import fp32_state_dict, make_engine, resume_state
+from mapet.engine.steps import plan_steps, select_shards, train_steps
 from mapet.engine.distributed import init_distributed, teardown
 from mapet.engine.optim import parameter_groups
 from mapet.engine.probe import extract_features, fit_linear

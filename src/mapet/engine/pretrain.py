@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from mapet.data.dataset import read_manifest
 from mapet.data.reader import ShardDataset, collate_encoded
 from mapet.data.transforms import decode_center_square, normalize_batch, pretrain_transform
-from mapet.engine.common import (fp32_state_dict, make_engine, plan_steps, resume_state, select_shards,
-                                 train_steps)
+from mapet.engine.deepspeed_engine import fp32_state_dict, make_engine, resume_state
+from mapet.engine.steps import plan_steps, select_shards, train_steps
 from mapet.engine.distributed import init_distributed, teardown
 from mapet.engine.optim import parameter_groups
 from mapet.engine.probe import ProbeSettings, knn_monitor
