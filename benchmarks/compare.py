@@ -276,7 +276,8 @@ def write_tables(records: list[dict], args: argparse.Namespace) -> None:
     overrides = ", ".join(f"`{setting}`" for setting in args.set) or "none"
     write_text(args.out / "results.md", f"# Objectives compared\n\nSeeds {', '.join(map(str, seeds))}; "
                      f"overrides of params.yaml: {overrides}. Top-1/top-5: the fine-tuned classifier on the test "
-                     f"split; k-NN and linear: the frozen backbone (`mapet probe`, average-pooled patches); loss: "
+                     f"split; k-NN and linear: the frozen backbone (`mapet probe`: k-NN on the average of patches, "
+                     f"linear on CLS and average); loss: "
                      f"pre-training's last step.\n\n{pixels_line(records)}" + table(records) +
                "\n## Paired differences\n\nPer seed, the first arm minus the second (the same seed in both), in "
                "points of top-1: their mean and its 95 % interval (paired t over the seeds). An interval "
