@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 DEBIAN_PACKAGES := dataset-fashion-mnist
+TEST_DEBIAN_PACKAGES := chromium   # the browser tests render the pipeline's pages in it
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 export HF_HUB_OFFLINE := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
@@ -18,6 +19,7 @@ demo: setup data/manifest.parquet
 	dvc metrics show
 
 test: setup
+	@$(MAKE) -s debian DEBIAN_PACKAGES="$(TEST_DEBIAN_PACKAGES)"
 	python -m pytest
 
 # data.dvc pins data/. With a DVC remote configured, pull it; without one (the demo), re-import
@@ -27,7 +29,15 @@ data/manifest.parquet: | setup
 	  mapet data import && dvc commit -f -q data.dvc && \
 	  { git diff --quiet data.dvc || { echo "error: the imported demo data differs from the version pinned by data.dvc" >&2; exit 1; }; }; fi
 
-setup: debian $(INSTALLED)
+setup: debian $(INSTALLED) .dvc/plots.html
+
+# `dvc plots show`'s page template (.dvc/config: plots.html_template) with the Vega versions DVC
+# loads from a CDN inlined, so that the page renders offline; npm fetches them, checking their hashes.
+VEGA := vega@5.20.2 vega-lite@5.2.0 vega-embed@6.18.2
+.dvc/plots.html: tools/plots_template.py
+	@rm -rf build/vega && mkdir -p build/vega
+	cd build/vega && npm pack --silent $(VEGA) >/dev/null
+	$(PYTHON) tools/plots_template.py $@ $(foreach package,$(VEGA),build/vega/$(subst @,-,$(package)).tgz)
 
 debian:
 	@missing=$$(for p in $(DEBIAN_PACKAGES); do \

@@ -68,3 +68,28 @@ def check_skipped_run(skipped: Path, workspace: Path) -> None:
     report = (skipped / "check-registry" / "report").read_text()
     assert report.startswith("# Skipped: nothing changed") and "| registered as | v1 (stage: prod" in report
     assert len(list((workspace / "registry" / "mapet").glob("*.json"))) == 1
+
+
+# The pipeline's HTML artifacts, as the Kubeflow UI shows them, and the images each must show.
+HTML_ARTIFACTS = {"validate/report": 0, "pretrain/curves": 1, "pictures/report": 2, "finetune/curves": 1}
+
+
+def check_html_artifacts(run: Path, folder: Path) -> None:
+    """Every HTML artifact renders in headless Chromium inside the Kubeflow UI's sandboxed frame
+    with nothing failing to load, no script error or blocked feature, and every image decoded;
+    the screenshots are left in ``folder``."""
+    from tests.browser import Browser, kubeflow_frame
+
+    folder.mkdir(parents=True, exist_ok=True)
+    browser = Browser(folder)
+    try:
+        for artifact, images in HTML_ARTIFACTS.items():
+            name = artifact.replace("/", "-")
+            rendered = browser.render(kubeflow_frame((run / artifact).read_text(), folder, name), frame_document=True)
+            (folder / f"{name}.png").write_bytes(rendered.screenshot)
+            assert rendered.problems == [], (artifact, rendered.problems)
+            assert len(rendered.images) == images, (artifact, rendered.images)
+            assert all(image["complete"] and image["width"] > 100 for image in rendered.images), (artifact, rendered.images)
+            assert len(rendered.screenshot) > 10_000, artifact
+    finally:
+        browser.close()

@@ -9,7 +9,8 @@ import re
 import pytest
 import yaml
 
-from tests.tiny_repo import make_pinned_repo, sh
+from tests.browser import Browser
+from tests.tiny_repo import ROOT, make_pinned_repo, sh
 
 pytestmark = pytest.mark.slow
 STAGES = ["validate", "tokenizer", "tokenize", "pretrain", "probe", "probe-scratch", "pictures", "finetune",
@@ -53,6 +54,25 @@ def test_repro_runs_every_stage_in_order_and_leaves_status_clean(reproduced):
                  "outputs/pictures/codebook.png"):
         assert plot in plots
     assert '"errors"' not in plots
+
+
+def test_the_plots_page_renders_offline_with_every_plot(reproduced, tmp_path):
+    repo, _ = reproduced
+    assert "html_template = plots.html" in (ROOT / ".dvc" / "config").read_text()     # the repository's page
+    sh("dvc", "plots", "show", "--html-template", str(ROOT / ".dvc" / "plots.html"), "-o", str(tmp_path / "plots"),
+       cwd=repo)
+    page = (tmp_path / "plots" / "index.html").read_text()
+    assert "cdn.jsdelivr.net" not in page and "vegaEmbed" in page
+    browser = Browser(tmp_path)
+    try:
+        rendered = browser.render((tmp_path / "plots" / "index.html").as_uri(), frame_document=False)
+    finally:
+        browser.close()
+    (tmp_path / "plots.png").write_bytes(rendered.screenshot)
+    assert rendered.problems == []
+    # the PNG plots: cluster sizes, both probes, predictions, codebook, confusion matrix
+    assert len(rendered.images) == 6 and all(image["complete"] and image["width"] > 100 for image in rendered.images)
+    assert rendered.charts == 4          # pre-training and fine-tuning losses, the k-NN monitor, the confusion matrix
 
 
 def test_objective_experiment_reruns_pretraining_and_what_follows_only(reproduced):

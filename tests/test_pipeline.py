@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from pipelines.mapet_pipeline import COMPILED, compile_pipeline
-from tests.pipeline_checks import check_skipped_run, check_trained_run
+from tests.pipeline_checks import check_html_artifacts, check_skipped_run, check_trained_run
 from tests.tiny_repo import ROOT, make_pinned_repo, sh
 
 
@@ -81,6 +81,7 @@ def test_whole_pipeline_runs_under_kfp_local_then_skips_the_unchanged_run(pinned
 
     [run] = list(root.iterdir())
     check_trained_run(run, workspace, pinned_repo)
+    check_html_artifacts(run, tmp_path / "pages")
 
     mapet_pipeline(**arguments)                              # same commit, data and parameters: nothing to train
     [skipped] = [path for path in root.iterdir() if path != run]
