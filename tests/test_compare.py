@@ -51,9 +51,9 @@ def test_compare_runs_each_arm_as_an_experiment_and_writes_the_tables(tmp_path):
 @pytest.mark.slow
 def test_compare_direct_runs_the_stages_without_dvc(tokens, tmp_path):
     data, token_dir = tokens
-    tiny = ["model.depth=1", "model.embed_dim=32", "model.num_heads=2", "pretrain.probe_every=0", "finetune.epochs=1",
-            "pretrain.batch_size=16", "pretrain.micro_batch_size=16", "finetune.batch_size=16", "finetune.micro_batch_size=16",
-            "probe.linear_iterations=20"]
+    tiny = ["model.patch_size=4", "model.depth=1", "model.embed_dim=32", "model.num_heads=2", "pretrain.probe_every=0",
+            "finetune.epochs=1", "pretrain.batch_size=16", "pretrain.micro_batch_size=16", "finetune.batch_size=16",
+            "finetune.micro_batch_size=16", "probe.linear_iterations=20"]
     sh(sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--direct", str(tmp_path / "work"), "--data", str(data),
        "--tokens", str(token_dir), "--jobs", "2", "--seeds", "5", "--objectives", "mim", "--out", str(tmp_path / "out"),
        *(part for setting in tiny for part in ("--set", setting)), cwd=ROOT)
