@@ -235,7 +235,7 @@ def plot_probe(metrics: dict[str, Any], path: Path) -> None:
               for representation, label in (("avg", "average of patches"), ("cls", "CLS"),
                                             ("cls_avg", "CLS and average"))]
     series.append(("raw pixels", [metrics.get(f"pixels_{key}") for key, _ in readouts]))
-    figure, axes = plt.subplots(figsize=(6, 4))
+    figure, axes = plt.subplots(figsize=(7, 4.2))
     for offset, (label, values) in enumerate(series):
         rows = [(i * 5 + offset, value) for i, value in enumerate(values) if value is not None]
         axes.barh([row for row, _ in rows], [value for _, value in rows], label=label)
@@ -244,6 +244,6 @@ def plot_probe(metrics: dict[str, Any], path: Path) -> None:
     axes.set_yticks([i * 5 + 1.5 for i in range(len(readouts))], [name for _, name in readouts])
     axes.set(xlim=(0, 1.1), xlabel=f"top-1 on {metrics['test_images']} test images",
              title=f"frozen features of {Path(metrics['backbone']).name}")
-    axes.legend(loc="lower right", fontsize=8)
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=4, fontsize=8, frameon=False)
     figure.tight_layout()
     save_figure(figure, path)
