@@ -1,0 +1,118 @@
+"""Host operators per optimizer step of the pre-training loop, inside the model and outside it:
+what DeepSpeed's ``engine.backward`` and ``engine.step`` dispatch beyond the model's own forward
+and backward (on a GPU each operator is one kernel launch or more; on the CPU their count is the
+proxy the profiler can give).
+
+    python benchmarks/step_ops.py                          # the paper preset's ViT-B/16, batch 2, ZeRO 1, fp32
+    python benchmarks/step_ops.py --zero 2 --bf16          # other configurations
+    python benchmarks/step_ops.py --backbone vit_tiny_patch16_224 --depth 12 --width 192 --heads 3
+
+One process (gloo). The model runs the same micro-batches three ways: a plain forward and
+backward (the model's own operators), then the DeepSpeed engine built as ``mapet pretrain``
+builds it (``make_engine``: AdamW over the loop's parameter groups, gradient clipping 3.0).
+Prints one JSON line: operators per step of each part, and the difference, the work outside the
+model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from machine import describe_cpu
+from torch.profiler import ProfilerActivity, profile
+
+with contextlib.redirect_stdout(sys.stderr):
+    from mapet.engine.deepspeed_engine import make_engine
+    from mapet.engine.distributed import init_distributed, teardown
+    from mapet.engine.optim import parameter_groups
+    from mapet.masking import default_num_predict, sample_orders
+    from mapet.models import create_pretrain_model
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="vit_base_patch16_224")
+    parser.add_argument("--depth", type=int, default=12)
+    parser.add_argument("--width", type=int, default=768)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--zero", type=int, default=1, choices=[1, 2])
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--grad-clip", type=float, default=3.0)
+    parser.add_argument("--steps", type=int, default=2, help="steps profiled, after one of warm-up")
+    return parser.parse_args()
+
+
+def aten_ops(run, steps: int) -> float:
+    """aten operators per step that ``run()`` dispatches, counted by torch.profiler."""
+    with profile(activities=[ProfilerActivity.CPU]) as profiled:
+        run()
+    return sum(event.count for event in profiled.key_averages() if event.key.startswith("aten::")) / steps
+
+
+def main() -> None:
+    args = parse_args()
+    with contextlib.redirect_stdout(sys.stderr):
+        rank, world, device = init_distributed()
+    try:
+        torch.manual_seed(0)
+        kwargs = {"img_size": 224, "patch_size": 16, "depth": args.depth, "embed_dim": args.width,
+                  "num_heads": args.heads}
+        model = create_pretrain_model("mapet", args.backbone, args.vocab, **kwargs)
+        num_predict = default_num_predict("mapet", model.num_patches)
+        dtype = torch.bfloat16 if args.bf16 else torch.float32
+        batches = []
+        for seed in range(args.steps + 1):
+            generator = torch.Generator().manual_seed(seed)
+            order = sample_orders("mapet", args.batch, model.grid_size, num_predict, generator)
+            batches.append((torch.randn(args.batch, 3, 224, 224, generator=generator).to(dtype), order,
+                            torch.randint(args.vocab, (args.batch, num_predict), generator=generator)))
+
+        def loss_of(network, batch) -> torch.Tensor:
+            images, order, targets = batch
+            return F.cross_entropy(network(images, order, num_predict).flatten(0, 1).float(), targets.flatten())
+
+        plain = model.to(dtype)
+        loss_of(plain, batches[0]).backward()                                       # warm-up
+        model_ops = aten_ops(lambda: [loss_of(plain, batch).backward() for batch in batches[1:]], args.steps)
+        plain.zero_grad(set_to_none=True)
+
+        settings = SimpleNamespace(lr=1.5e-3, betas=(0.9, 0.999), warmup_epochs=0, epochs=1, warmup_lr=1e-6,
+                                   min_lr=1e-5, micro_batch_size=args.batch, grad_clip=args.grad_clip,
+                                   zero_stage=args.zero, bf16=args.bf16, compile=False)
+        with contextlib.redirect_stdout(sys.stderr):
+            engine, _ = make_engine(settings, model, parameter_groups(model, 0.05, settings.lr), 100, 1, device)
+
+        def engine_steps(only_step: bool) -> float:
+            total = 0.0
+            for batch in batches[1:]:
+                loss = loss_of(engine, batch) if only_step else None
+                if only_step:
+                    engine.backward(loss)
+                    total += aten_ops(engine.step, args.steps)
+                else:
+                    total += aten_ops(lambda: (engine.backward(loss_of(engine, batch)), engine.step()), args.steps)
+            return total
+
+        engine.backward(loss_of(engine, batches[0]))                                # warm-up
+        engine.step()
+        loop_ops = engine_steps(only_step=False)
+        step_ops = engine_steps(only_step=True)
+        print(json.dumps({"backbone": args.backbone, "depth": args.depth, "width": args.width, "batch": args.batch,
+                          "zero_stage": args.zero, "bf16": args.bf16, "grad_clip": args.grad_clip,
+                          "optimizer": type(engine.optimizer).__name__,
+                          "parameters": sum(1 for p in model.parameters() if p.requires_grad),
+                          "model_ops": model_ops, "loop_ops": loop_ops, "outside_model_ops": loop_ops - model_ops,
+                          "engine_step_ops": step_ops, "machine": describe_cpu(), "torch": torch.__version__}))
+    finally:
+        teardown()
+
+
+if __name__ == "__main__":
+    main()
