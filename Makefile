@@ -62,7 +62,7 @@ lock:
 benchmark: setup
 	python benchmarks/pretrain_step.py
 
-# The fair comparison: mapet, plm, mim and scratch x 3 seeds, each a DVC experiment, at the budget of
+# The fair comparison: mapet, plm, mim and scratch x 5 seeds, each a DVC experiment, at the budget of
 # params.yaml; tables in reports/compare/. Needs the data in DVC's cache (after `make demo`).
 compare: setup data/manifest.parquet
 	python benchmarks/compare.py

@@ -1,6 +1,6 @@
 """The fair comparison of the pre-training objectives, each run a DVC experiment.
 
-    make compare                                        # mapet, plm, mim and scratch x seeds 0 1 2
+    make compare                                        # mapet, plm, mim and scratch x seeds 0 1 2 3 4
     python benchmarks/compare.py --seeds 0 1 2 --objectives mapet plm mim
     python benchmarks/compare.py --out reports/compare-gpu --set pretrain.max_shards=0 --set pretrain.epochs=10
     python benchmarks/compare.py --report-only          # rebuild the tables from the experiments DVC holds
@@ -204,7 +204,7 @@ def table(records: list[dict]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a parameter override for every run (the budget), as `dvc exp run -S`")
