@@ -34,7 +34,7 @@ setup: debian $(INSTALLED) .dvc/plots.html
 # `dvc plots show`'s page template (.dvc/config: plots.html_template) with the Vega versions DVC
 # loads from a CDN inlined, so that the page renders offline; npm fetches them, checking their hashes.
 VEGA := vega@5.20.2 vega-lite@5.2.0 vega-embed@6.18.2
-.dvc/plots.html: tools/plots_template.py
+.dvc/plots.html: tools/plots_template.py Makefile        # Makefile: VEGA's versions
 	@rm -rf build/vega && mkdir -p build/vega
 	cd build/vega && npm pack --silent $(VEGA) >/dev/null
 	$(PYTHON) tools/plots_template.py $@ $(foreach package,$(VEGA),build/vega/$(subst @,-,$(package)).tgz)

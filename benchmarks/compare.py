@@ -142,7 +142,8 @@ def paired_differences(records: list[dict], metric: str) -> list[dict]:
         mean = statistics.mean(differences)
         half = (scipy.stats.t.ppf(0.975, len(seeds) - 1) * statistics.stdev(differences) / len(seeds) ** 0.5
                 if len(seeds) > 1 else None)
-        rows.append({"pair": f"{first} - {second}", "seeds": len(seeds), "mean": mean, "differences": differences,
+        rows.append({"pair": f"{first} - {second}", "first": first, "second": second, "seeds": len(seeds),
+                     "mean": mean, "differences": differences,
                      "low": None if half is None else mean - half, "high": None if half is None else mean + half})
     return rows
 
@@ -151,9 +152,9 @@ def verdict(row: dict) -> str:
     if row["low"] is None:
         return "one seed: no interval"
     if row["low"] > 0:
-        return f"{row['pair'].split(' - ')[0]} ahead"
+        return f"{row['first']} ahead"
     if row["high"] < 0:
-        return f"{row['pair'].split(' - ')[1]} ahead"
+        return f"{row['second']} ahead"
     return "not resolved (the interval holds 0)"
 
 

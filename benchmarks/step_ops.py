@@ -59,7 +59,7 @@ def aten_ops(run, steps: int) -> float:
 def main() -> None:
     args = parse_args()
     with contextlib.redirect_stdout(sys.stderr):
-        rank, world, device = init_distributed()
+        _, _, device = init_distributed()
     try:
         torch.manual_seed(0)
         kwargs = {"img_size": 224, "patch_size": 16, "depth": args.depth, "embed_dim": args.width,
@@ -89,24 +89,20 @@ def main() -> None:
         with contextlib.redirect_stdout(sys.stderr):
             engine, _ = make_engine(settings, model, parameter_groups(model, 0.05, settings.lr), 100, 1, device)
 
-        def engine_steps(only_step: bool) -> float:
-            total = 0.0
-            for batch in batches[1:]:
-                loss = loss_of(engine, batch) if only_step else None
-                if only_step:
-                    engine.backward(loss)
-                    total += aten_ops(engine.step, args.steps)
-                else:
-                    total += aten_ops(lambda: (engine.backward(loss_of(engine, batch)), engine.step()), args.steps)
-            return total
+        def micro_step(batch) -> None:
+            engine.backward(loss_of(engine, batch))
+            engine.step()
 
-        engine.backward(loss_of(engine, batches[0]))                                # warm-up
-        engine.step()
-        loop_ops = engine_steps(only_step=False)
-        step_ops = engine_steps(only_step=True)
+        micro_step(batches[0])                                                      # warm-up
+        loop_ops = aten_ops(lambda: [micro_step(batch) for batch in batches[1:]], args.steps)
+        step_ops = 0.0
+        for batch in batches[1:]:
+            engine.backward(loss_of(engine, batch))
+            step_ops += aten_ops(engine.step, args.steps)
         print(json.dumps({"backbone": args.backbone, "depth": args.depth, "width": args.width, "batch": args.batch,
                           "zero_stage": args.zero, "bf16": args.bf16, "grad_clip": args.grad_clip,
                           "optimizer": type(engine.optimizer).__name__,
+                          "engine_zero_stage": engine.zero_optimization_stage(),
                           "parameters": sum(1 for p in model.parameters() if p.requires_grad),
                           "model_ops": model_ops, "loop_ops": loop_ops, "outside_model_ops": loop_ops - model_ops,
                           "engine_step_ops": step_ops, "machine": describe_cpu(), "torch": torch.__version__}))
