@@ -58,19 +58,20 @@ stop_engine() {
     rm -f "$STATE/dockerd.pid"
 }
 
-# The base to build on: BASE if given; else a registry's Python bookworm image if one answers;
-# else a Debian bookworm made here with debootstrap and imported (about a minute, once).
+# The base to build on, into BASE_IMAGE: the given one if any; else a registry's Python bookworm
+# image if one answers; else a Debian bookworm made here with debootstrap and imported (about a
+# minute, once). A variable, not an echo: apt and docker print on stdout along the way.
 base() {
     local given=${1:-}
     if [ -n "$given" ]; then
-        docker image inspect "$given" >/dev/null 2>&1 || docker pull -q "$given" >&2 \
+        docker image inspect "$given" >/dev/null 2>&1 || docker pull -q "$given" \
             || fail "BASE=$given is neither a local image nor pullable"
-        echo "$given"; return
+        BASE_IMAGE=$given; return
     fi
-    if docker image inspect "$LOCAL_BASE" >/dev/null 2>&1; then echo "$LOCAL_BASE"; return; fi
+    if docker image inspect "$LOCAL_BASE" >/dev/null 2>&1; then BASE_IMAGE=$LOCAL_BASE; return; fi
     if docker image inspect "$REGISTRY_BASE" >/dev/null 2>&1 \
         || timeout 60 docker pull -q "$REGISTRY_BASE" >/dev/null 2>&1; then
-        echo "$REGISTRY_BASE"; return
+        BASE_IMAGE=$REGISTRY_BASE; return
     fi
     say "no registry answers: making $LOCAL_BASE with debootstrap"
     command -v debootstrap >/dev/null || { $SUDO apt-get update -q && $SUDO apt-get install -y -q debootstrap; }
@@ -82,7 +83,7 @@ base() {
     $SUDO rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
     $SUDO tar -C "$root" -c . | docker import -c 'CMD ["/bin/bash"]' - "$LOCAL_BASE" >/dev/null
     rm -f "$root.log"
-    echo "$LOCAL_BASE"
+    BASE_IMAGE=$LOCAL_BASE
 }
 
 # build/pip/pip.conf (and ca.crt) for the packages stage.
@@ -115,8 +116,7 @@ build() {
     local image=${1:?usage: image.sh build IMAGE [BASE]} started server=""
     started=$(date +%s)
     engine
-    local from
-    from=$(base "${2:-}")
+    base "${2:-}"
     pip_settings
     if [ "$PIP_SOURCE" = wheelhouse ]; then
         python3 -m http.server --bind 127.0.0.1 --directory "$WHEELHOUSE" "$WHEELHOUSE_PORT" >/dev/null 2>&1 &
@@ -128,12 +128,12 @@ build() {
             sleep 0.1
         done
     fi
-    say "building $image on $from"
+    say "building $image on $BASE_IMAGE"
     # The packages stage is tagged, so that pruning keeps it as the next build's cache. It holds the
     # build's pip settings: a local image, never to be pushed.
-    docker build --network host --force-rm --build-arg "BASE=$from" -f components/Dockerfile \
+    docker build --network host --force-rm --build-arg "BASE=$BASE_IMAGE" -f components/Dockerfile \
         --target packages -t "$PACKAGES_STAGE" .
-    docker build --network host --force-rm --build-arg "BASE=$from" -f components/Dockerfile -t "$image" .
+    docker build --network host --force-rm --build-arg "BASE=$BASE_IMAGE" -f components/Dockerfile -t "$image" .
     rm -rf build/pip
     # What the next build cannot reuse: earlier builds of this tag and the stages only they used.
     docker image prune -f >/dev/null
