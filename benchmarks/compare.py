@@ -14,9 +14,10 @@ the scratch run of seed S is compared with the pre-trained runs of seed S. Each 
 --temp` named ``cmp-<arm>-s<seed>`` (the workspace is left as it is; DVC's run cache skips the
 stages an arm shares with another, such as the tokens). The tables are written to
 OUT/results.json (one record per run: objective, init, seed, top1, top5, knn_top1, linear_top1,
-loss, and the raw pixels' pixels_knn_top1 and pixels_linear_top1, the baseline every backbone must
-beat) and OUT/results.md (mean +- std per arm, the paired differences between arms with their 95 %
-intervals, then every run).
+loss, the raw pixels' pixels_knn_top1 and pixels_linear_top1, the baseline every backbone must
+beat, and code, the revision of the code that trained) and OUT/results.md (mean +- std per arm, the
+paired differences between arms with their 95 % intervals, then every run). ``--merge`` adds runs
+of the same code revision only: seeds run later must come from the same training code.
 
 ``--direct WORK`` runs the same arms without DVC (a GPU machine that has the mapet package but not
 DVC): each run's `mapet` commands, as dvc.yaml's stages call them, in WORK/<name> on the dataset
@@ -39,6 +40,7 @@ from pathlib import Path
 import scipy.stats
 
 from mapet.files import write_json, write_text
+from mapet.registry.fingerprint import code_revision
 
 OBJECTIVES = ("mapet", "plm", "mim")
 PROBE = {"pretrained": "outputs/probe/metrics.json", "scratch": "outputs/probe_scratch/metrics.json"}
@@ -112,10 +114,10 @@ def experiment_metrics() -> dict[str, dict]:
     return found
 
 
-def record(objective: str, init: str, seed: int, metrics: dict[str, dict]) -> dict:
+def record(objective: str, init: str, seed: int, metrics: dict[str, dict], code: str) -> dict:
     evaluated, probed = metrics["outputs/evaluate/metrics.json"], metrics[PROBE[init]]
     pretrained = init == "pretrained"
-    return {"objective": objective, "init": init, "seed": seed, "top1": evaluated["top1"],
+    return {"objective": objective, "init": init, "seed": seed, "code": code, "top1": evaluated["top1"],
             "top5": evaluated.get("top5"), "knn_top1": probed["knn_top1"], "linear_top1": probed["linear_top1"],
             "loss": metrics["outputs/pretrain/metrics.json"]["loss"] if pretrained else None,
             "pixels_knn_top1": probed.get("pixels_knn_top1"), "pixels_linear_top1": probed.get("pixels_linear_top1")}
@@ -220,6 +222,10 @@ def main() -> int:
     args = parser.parse_args()
 
     runs = [(objective, init, seed) for seed in args.seeds for objective, init in arms(args.objectives)]
+    args.code = code_revision()
+    if args.merge and (problem := merge_problem(args.out / "results.json", args.code)):
+        print(f"compare: error: {problem}", file=sys.stderr)
+        return 2
     if args.direct:
         return compare_direct(runs, args)
     if not args.report_only:
@@ -236,7 +242,7 @@ def main() -> int:
         print(f"compare: error: no DVC experiment named {', '.join(missing)} (run without --report-only)",
               file=sys.stderr)
         return 2
-    write_tables([record(*run, found[experiment_name(*run)]) for run in runs], args)
+    write_tables([record(*run, found[experiment_name(*run)], args.code) for run in runs], args)
     return 0
 
 
@@ -255,12 +261,25 @@ def compare_direct(runs: list[tuple[str, str, int]], args: argparse.Namespace) -
             failed.append(run)
             return
         with lock:
-            records.append(record(*run, metrics))
+            records.append(record(*run, metrics, args.code))
             write_tables(list(records), args)
 
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(one, runs))
     return 2 if failed else 0
+
+
+def merge_problem(results: Path, code: str) -> str | None:
+    """Why the runs in ``results`` cannot be merged with runs of code revision ``code``, or None."""
+    if not results.is_file():
+        return None
+    held = {r.get("code") for r in json.loads(results.read_text())}
+    if held <= {code}:
+        return None
+    named = ", ".join(sorted(revision or "none recorded" for revision in held))
+    return (f"{results} holds runs of code revision {named}, and this code is {code}: a comparison's seeds "
+            f"must come from the same training code. Run the seeds from a checkout of the commit that ran the "
+            f"others, or write to another --out")
 
 
 def write_tables(records: list[dict], args: argparse.Namespace) -> None:
@@ -275,8 +294,10 @@ def write_tables(records: list[dict], args: argparse.Namespace) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "results.json", records)
     overrides = ", ".join(f"`{setting}`" for setting in args.set) or "none"
+    codes = ", ".join(sorted({str(r.get("code")) for r in records}))
     write_text(args.out / "results.md", f"# Objectives compared\n\nSeeds {', '.join(map(str, seeds))}; "
-                     f"overrides of params.yaml: {overrides}. Top-1/top-5: the fine-tuned classifier on the test "
+                     f"overrides of params.yaml: {overrides}; code revision {codes} (the mapet sources and the "
+                     f"training libraries' versions, as in the pipeline's fingerprint). Top-1/top-5: the fine-tuned classifier on the test "
                      f"split; k-NN and linear: the frozen backbone (`mapet probe`: k-NN on the average of patches, "
                      f"linear on CLS and average); loss: "
                      f"pre-training's last step.\n\n{pixels_line(records)}" + table(records) +

@@ -2,11 +2,13 @@
 its tables."""
 
 import json
+import subprocess
 import sys
 
 import pytest
 
 from benchmarks.compare import table
+from mapet.registry.fingerprint import code_revision
 from test_pretrain import tokens  # noqa: F401 (fixture)
 from tests.tiny_repo import ROOT, make_pinned_repo, sh
 
@@ -31,8 +33,9 @@ def test_compare_runs_each_arm_as_an_experiment_and_writes_the_tables(tmp_path):
     records = json.loads((repo / "reports" / "compare" / "results.json").read_text())
     assert [(r["objective"], r["init"], r["seed"]) for r in records] == [("plm", "pretrained", 3), ("none", "scratch", 3)]
     for r in records:
-        assert set(r) == {"objective", "init", "seed", "top1", "top5", "knn_top1", "linear_top1", "loss",
+        assert set(r) == {"objective", "init", "seed", "code", "top1", "top5", "knn_top1", "linear_top1", "loss",
                           "pixels_knn_top1", "pixels_linear_top1"}
+        assert r["code"] == code_revision()
         assert 0 <= r["top1"] <= r["top5"] <= 1 and 0 <= r["knn_top1"] <= 1 and 0 <= r["linear_top1"] <= 1
         assert 0 < r["pixels_linear_top1"] <= 1
     assert records[0]["loss"] > 0 and records[1]["loss"] is None
@@ -106,3 +109,16 @@ def test_merge_keeps_the_runs_of_other_seeds(tmp_path):
     assert [(r["objective"], r["seed"], r["top1"]) for r in records] == [
         ("mapet", 0, 0.72), ("mapet", 1, 0.74), ("none", 0, 0.60)]                   # seed 0 replaced, scratch kept
     assert "Seeds 0, 1;" in (tmp_path / "results.md").read_text()
+
+
+def test_merge_refuses_the_runs_of_other_code_before_running_any(tmp_path):
+    from mapet.files import write_json
+
+    out = tmp_path / "cmp"
+    write_json(out / "results.json", [{"objective": "mapet", "init": "pretrained", "seed": 0, "code": "0123abcd",
+                                       "top1": 0.7}])
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--merge", "--out", str(out),
+                             "--seeds", "1"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert str(out / "results.json") in result.stderr and "0123abcd" in result.stderr
+    assert code_revision() in result.stderr and "+ dvc" not in result.stdout           # refused before any run
