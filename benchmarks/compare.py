@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -70,9 +71,10 @@ def run_arm(objective: str, init: str, seed: int, overrides: list[str]) -> int:
 
 
 def run_direct(objective: str, init: str, seed: int, overrides: list[str], work: Path, data: Path,
-               tokens: Path) -> dict[str, dict]:
-    """Runs one arm's stages with `mapet` in WORK/<name> (outputs/ laid out as the workspace's);
-    returns its metrics by workspace path, as :func:`experiment_metrics` does."""
+               tokens: Path, threads: int) -> dict[str, dict]:
+    """Runs one arm's stages with `mapet` in WORK/<name> (outputs/ laid out as the workspace's), each
+    with ``threads`` CPU threads; returns its metrics by workspace path, as :func:`experiment_metrics`
+    does."""
     folder = work / experiment_name(objective, init, seed)
     (folder / "outputs").mkdir(parents=True, exist_ok=True)
     probe = PROBE[init].removesuffix("/metrics.json")
@@ -92,7 +94,8 @@ def run_direct(objective: str, init: str, seed: int, overrides: list[str], work:
             log.write("+ " + " ".join(command) + "\n")
             log.flush()
             started = time.perf_counter()
-            if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode:
+            if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, "OMP_NUM_THREADS": str(threads)}).returncode:
                 raise RuntimeError(f"{' '.join(command[2:4])} failed: see {folder / 'log.txt'}")
             print(f"{folder.name}: {' '.join(command[2:4])} took {time.perf_counter() - started:.0f} s", flush=True)
     paths = ["outputs/evaluate/metrics.json", PROBE[init]] + (["outputs/pretrain/metrics.json"] if init == "pretrained"
@@ -216,7 +219,8 @@ def main() -> int:
     parser.add_argument("--direct", type=Path, metavar="WORK", help="run the stages without DVC, in WORK/<name>")
     parser.add_argument("--data", type=Path, help="--direct: the dataset folder")
     parser.add_argument("--tokens", type=Path, help="--direct: its token folder")
-    parser.add_argument("--jobs", type=int, default=1, help="--direct: runs at a time")
+    parser.add_argument("--jobs", type=int, default=1, help="--direct: runs at a time, each with the cores / jobs "
+                        "CPU threads (OMP_NUM_THREADS, where set, instead)")
     parser.add_argument("--merge", action="store_true", help="keep the runs OUT/results.json holds already (other "
                         "seeds, run elsewhere) beside the new ones")
     args = parser.parse_args()
@@ -252,10 +256,12 @@ def compare_direct(runs: list[tuple[str, str, int]], args: argparse.Namespace) -
               file=sys.stderr)
         return 2
     records, failed, lock = [], [], threading.Lock()
+    # The cores shared out between the runs at a time: more threads than cores make every run crawl.
+    threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // args.jobs))
 
     def one(run: tuple[str, str, int]) -> None:
         try:
-            metrics = run_direct(*run, args.set, args.direct, args.data, args.tokens)
+            metrics = run_direct(*run, args.set, args.direct, args.data, args.tokens, threads)
         except RuntimeError as error:
             print(f"compare: error: {experiment_name(*run)}: {error}", file=sys.stderr, flush=True)
             failed.append(run)
