@@ -77,12 +77,11 @@ base() {
     command -v debootstrap >/dev/null || { $SUDO apt-get update -q && $SUDO apt-get install -y -q debootstrap; }
     local root
     root=$(mktemp -d /tmp/mapet-base.XXXXXX)
-    trap 'rm -rf "$root"' RETURN
     $SUDO debootstrap --variant=minbase bookworm "$root" >"$root.log" 2>&1 \
-        || { tail -n 20 "$root.log" >&2; fail "debootstrap failed (log: $root.log)"; }
+        || { $SUDO rm -rf "$root"; tail -n 20 "$root.log" >&2; fail "debootstrap failed (log: $root.log)"; }
     $SUDO rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
     $SUDO tar -C "$root" -c . | docker import -c 'CMD ["/bin/bash"]' - "$LOCAL_BASE" >/dev/null
-    rm -f "$root.log"
+    $SUDO rm -rf "$root" "$root.log"
     BASE_IMAGE=$LOCAL_BASE
 }
 
