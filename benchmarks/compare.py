@@ -288,6 +288,54 @@ def merge_problem(results: Path, code: str) -> str | None:
             f"others, or write to another --out")
 
 
+def plot(records: list[dict], path: Path) -> None:
+    """results.png: each arm's fine-tuned top-1 seed by seed beside the raw pixels' linear probe,
+    and the paired differences with their 95 % intervals (the rows of the differences table)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mapet.engine.evaluate import save_figure
+
+    names = list(dict.fromkeys(arm_name(r) for r in records))
+    figure, (runs, differences) = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [1, 1.4]})
+    for x, name in enumerate(names):
+        for metric, offset, style in (("top1", -0.12, {"color": "#3a6ea5"}),
+                                      ("linear_top1", 0.12, {"facecolors": "none", "edgecolors": "#c0504d"})):
+            values = [100 * r[metric] for r in records if arm_name(r) == name and r.get(metric) is not None]
+            runs.scatter([x + offset] * len(values), values, s=22, zorder=3, **style)
+            if values:
+                runs.hlines(statistics.mean(values), x + offset - 0.1, x + offset + 0.1, color="black", zorder=4)
+    pixels = [100 * r["pixels_linear_top1"] for r in records if r.get("pixels_linear_top1") is not None]
+    if pixels:
+        runs.axhline(pixels[0], color="grey", linestyle="--", linewidth=1)
+    runs.scatter([], [], color="#3a6ea5", label="fine-tuned, test top-1")
+    runs.scatter([], [], facecolors="none", edgecolors="#c0504d", label="frozen, linear probe")
+    runs.plot([], [], color="grey", linestyle="--", label="raw pixels, linear probe")
+    runs.set_xticks(range(len(names)), names)
+    runs.set(ylabel="top-1 (%)", title="Every seed; black: the mean")
+    runs.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, fontsize=8, frameon=False)
+    rows = [(metric, row) for metric in ("top1", "linear_top1") for row in paired_differences(records, metric)]
+    for y, (metric, row) in enumerate(rows):
+        color = "#3a6ea5" if metric == "top1" else "#c0504d"
+        differences.scatter([100 * d for d in row["differences"]], [y] * row["seeds"], s=12, color=color, alpha=0.5)
+        if row["low"] is not None:
+            differences.errorbar(100 * row["mean"], y, xerr=[[100 * (row["mean"] - row["low"])],
+                                                             [100 * (row["high"] - row["mean"])]],
+                                 fmt="o", color=color, capsize=4)
+    differences.axvline(0, color="black", linewidth=1)
+    differences.set_yticks(range(len(rows)), [f"{'top-1' if m == 'top1' else 'linear'}: {row['pair']}"
+                                              for m, row in rows], fontsize=8)
+    differences.invert_yaxis()
+    differences.set(xlabel="points, first arm minus second, seed by seed",
+                    title="Paired differences, 95 % intervals (paired t)")
+    seeds = sorted({r["seed"] for r in records})
+    figure.suptitle(f"Objectives compared: {len(seeds)} seed(s) ({', '.join(map(str, seeds))})", fontsize=10)
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
 def write_tables(records: list[dict], args: argparse.Namespace) -> None:
     """OUT/results.json and results.md; with --merge, the runs already there that these records
     do not replace are kept (seeds run at another time or on another clone)."""
@@ -309,8 +357,10 @@ def write_tables(records: list[dict], args: argparse.Namespace) -> None:
                      f"pre-training's last step.\n\n{pixels_line(records)}" + table(records) +
                "\n## Paired differences\n\nPer seed, the first arm minus the second (the same seed in both), in "
                "points of top-1: their mean and its 95 % interval (paired t over the seeds). An interval "
-               "holding 0 does not rank the two arms.\n\n" + differences_table(records))
-    print(f"wrote {args.out / 'results.json'} and {args.out / 'results.md'} ({len(records)} runs)", flush=True)
+               "holding 0 does not rank the two arms.\n\n" + differences_table(records) +
+               "\n![every seed and the paired differences](results.png)\n")
+    plot(records, args.out / "results.png")
+    print(f"wrote {args.out / 'results.json'}, results.md and results.png ({len(records)} runs)", flush=True)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 from benchmarks.compare import table
 from mapet.registry.fingerprint import code_revision
@@ -109,6 +110,10 @@ def test_merge_keeps_the_runs_of_other_seeds(tmp_path):
     assert [(r["objective"], r["seed"], r["top1"]) for r in records] == [
         ("mapet", 0, 0.72), ("mapet", 1, 0.74), ("none", 0, 0.60)]                   # seed 0 replaced, scratch kept
     assert "Seeds 0, 1;" in (tmp_path / "results.md").read_text()
+    assert "![every seed and the paired differences](results.png)" in (tmp_path / "results.md").read_text()
+    with Image.open(tmp_path / "results.png") as picture:
+        picture.load()                                      # decodes whole, not only the header
+        assert picture.format == "PNG" and picture.size == (1200, 460)
 
 
 def test_merge_refuses_the_runs_of_other_code_before_running_any(tmp_path):
