@@ -9,12 +9,14 @@
 #            (STEP_MODELS limits it to some models);
 #   head:    token_head.json: the token head and its cross-entropy, whole and chunked, beside the
 #            eager MaPeT step;
-#   loop:    pretrain_loop_<decode>.json: `mapet pretrain` (compile auto = on, DeepSpeed ZeRO-1,
-#            bf16, torchrun, NCCL) with the paper preset's model at batch 128, one epoch over
-#            ImageNet-like JPEG shards made here, decoded by the loader workers (cpu, 12 of them) and
-#            by nvJPEG (gpu, 4 workers reading); the rate includes the loader, the sampler and DeepSpeed;
-#   profile: profile_<decode>.json: benchmarks/profile_loop.py on the loop's runs: wall time per
-#            step, the GPU's busy share, the host operators and kernels that take the most time;
+#   loop:    pretrain_loop_<decode>_zero<stage>.json: `mapet pretrain` (compile auto = on, bf16,
+#            torchrun, NCCL) with the paper preset's model at batch 128, one epoch over ImageNet-like
+#            JPEG shards made here: ZeRO 0 (the preset's: fused AdamW, one clipping) and ZeRO 1
+#            (DeepSpeed's ZeRO optimizer, the loop of before) decoded by nvJPEG (gpu, 4 workers
+#            reading), then ZeRO 0 decoded by the loader workers (cpu, 12 of them); the rate includes
+#            the loader, the sampler and DeepSpeed;
+#   profile: profile_<decode>_zero<stage>.json: benchmarks/profile_loop.py on the same runs: wall time
+#            per step, the GPU's busy share, the host operators and kernels that take the most time;
 #   loader:  loader.json: the 224-px input path's images/s per CPU core on this machine, and the
 #            loader cores one GPU needs at the rate of the loop;
 #   compare: compare/results.{json,md}: benchmarks/compare.py --direct on the whole Fashion-MNIST
@@ -88,30 +90,31 @@ fi
 if wants loop || wants profile || wants loader; then
   wait $imagenet_maker; tr '\r' '\n' < "$WORK/imagenet.log" | grep -v "img/s\]" | tee -a "$LOG"
 fi
-for decode in gpu cpu; do
+for run in gpu_zero0 gpu_zero1 cpu_zero0; do
   wants loop || wants profile || break
+  decode=${run%_zero*} stage=${run#*_zero}
   workers=$([ $decode = gpu ] && echo 4 || echo 12)
   python3 -m mapet params --set preset=paper --set presets.paper.pretrain.epochs=1 \
     --set presets.paper.pretrain.batch_size=128 --set presets.paper.pretrain.micro_batch_size=128 \
     --set presets.paper.pretrain.warmup_epochs=0.5 --set presets.paper.pretrain.workers=$workers \
-    --set pretrain.probe_every=0 --set pretrain.decode=$decode \
-    --set presets.paper.pretrain.checkpoint_every=100000 --out "$WORK/params-$decode.yaml" | tee -a "$LOG"
+    --set presets.paper.pretrain.zero_stage=$stage --set pretrain.probe_every=0 --set pretrain.decode=$decode \
+    --set presets.paper.pretrain.checkpoint_every=100000 --out "$WORK/params-$run.yaml" | tee -a "$LOG"
   if wants loop; then
-    check "pretrain_loop decode=$decode" 140 torchrun --standalone --nproc_per_node 1 -m mapet pretrain \
-      --params "$WORK/params-$decode.yaml" --data "$WORK/imagenet/data" --tokens "$WORK/imagenet/tokens" \
-      --out "$WORK/pretrain-$decode"
-    cp "$WORK/pretrain-$decode/metrics.json" "$OUT/pretrain_loop_$decode.json" && cat "$OUT/pretrain_loop_$decode.json" >> "$LOG"
+    check "pretrain_loop $run" 140 torchrun --standalone --nproc_per_node 1 -m mapet pretrain \
+      --params "$WORK/params-$run.yaml" --data "$WORK/imagenet/data" --tokens "$WORK/imagenet/tokens" \
+      --out "$WORK/pretrain-$run"
+    cp "$WORK/pretrain-$run/metrics.json" "$OUT/pretrain_loop_$run.json" && cat "$OUT/pretrain_loop_$run.json" >> "$LOG"
   fi
-  if wants profile; then
-    check "profile decode=$decode" 120 sh -c "python3 benchmarks/profile_loop.py --wait 12 --active 6 -- \
-      --params '$WORK/params-$decode.yaml' --data '$WORK/imagenet/data' --tokens '$WORK/imagenet/tokens' \
-      --out '$WORK/profile-$decode' > '$OUT/profile_$decode.json'"
-    head -c 600 "$OUT/profile_$decode.json" >> "$LOG"
+  if wants profile && [ $decode = gpu ]; then
+    check "profile $run" 120 sh -c "python3 benchmarks/profile_loop.py --wait 12 --active 6 -- \
+      --params '$WORK/params-$run.yaml' --data '$WORK/imagenet/data' --tokens '$WORK/imagenet/tokens' \
+      --out '$WORK/profile-$run' > '$OUT/profile_$run.json'"
+    head -c 600 "$OUT/profile_$run.json" >> "$LOG"
   fi
 done
 
 if wants loader; then
-  target=$(python3 -c "import json; print(json.load(open('$OUT/pretrain_loop_cpu.json'))['images_per_s'])" 2>/dev/null \
+  target=$(python3 -c "import json; print(json.load(open('$OUT/pretrain_loop_cpu_zero0.json'))['images_per_s'])" 2>/dev/null \
     || echo 1400)
   check loader 60 sh -c "python3 benchmarks/loader_throughput.py --data '$WORK/imagenet/data' --workers 12 \
     --target $target > '$OUT/loader.json'"

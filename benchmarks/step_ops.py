@@ -4,14 +4,16 @@ and backward (on a GPU each operator is one kernel launch or more; on the CPU th
 proxy the profiler can give).
 
     python benchmarks/step_ops.py                          # the paper preset's ViT-B/16, batch 2, ZeRO 1, fp32
-    python benchmarks/step_ops.py --zero 2 --bf16          # other configurations
+    python benchmarks/step_ops.py --zero 0 --bf16          # other configurations (the paper preset's: ZeRO 0, bf16)
     python benchmarks/step_ops.py --backbone vit_tiny_patch16_224 --depth 12 --width 192 --heads 3
 
 One process (gloo). The model runs the same micro-batches three ways: a plain forward and
 backward (the model's own operators), then the DeepSpeed engine built as ``mapet pretrain``
-builds it (``make_engine``: AdamW over the loop's parameter groups, gradient clipping 3.0).
-Prints one JSON line: operators per step of each part, and the difference, the work outside the
-model.
+builds it (``make_engine``: AdamW over the loop's parameter groups, gradient clipping 3.0; with
+ZeRO 0 and bf16, the plain model runs under the autocast the engine applies). Prints one JSON
+line: operators per step of each part, and the difference, the work outside the model; all aten
+operators, and the outermost of them alone (``*_outermost``: the calls from Python, the count that
+stands for kernel launches on a GPU).
 """
 
 from __future__ import annotations
@@ -42,18 +44,24 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--zero", type=int, default=1, choices=[1, 2])
+    parser.add_argument("--zero", type=int, default=1, choices=[0, 1, 2])
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--grad-clip", type=float, default=3.0)
     parser.add_argument("--steps", type=int, default=2, help="steps profiled, after one of warm-up")
     return parser.parse_args()
 
 
-def aten_ops(run, steps: int) -> float:
-    """aten operators per step that ``run()`` dispatches, counted by torch.profiler."""
+def aten_ops(run, steps: int) -> tuple[float, float]:
+    """(aten operators, of them the outermost) per step that ``run()`` dispatches, counted by
+    torch.profiler. The outermost are the calls from Python, each a kernel launch or more on a GPU;
+    the rest run inside them (a view's as_strided, or a foreach operator's per-tensor loop, which
+    only the CPU has: on a GPU a foreach operator is a few multi-tensor kernels)."""
     with profile(activities=[ProfilerActivity.CPU]) as profiled:
         run()
-    return sum(event.count for event in profiled.key_averages() if event.key.startswith("aten::")) / steps
+    operators = [event for event in profiled.events() if event.name.startswith("aten::")]
+    outermost = [event for event in operators
+                 if event.cpu_parent is None or not event.cpu_parent.name.startswith("aten::")]
+    return len(operators) / steps, len(outermost) / steps
 
 
 def main() -> None:
@@ -66,7 +74,8 @@ def main() -> None:
                   "num_heads": args.heads}
         model = create_pretrain_model("mapet", args.backbone, args.vocab, **kwargs)
         num_predict = default_num_predict("mapet", model.num_patches)
-        dtype = torch.bfloat16 if args.bf16 else torch.float32
+        autocast = args.bf16 and args.zero == 0         # without ZeRO, bf16 is autocast over fp32 weights
+        dtype = torch.bfloat16 if args.bf16 and not autocast else torch.float32
         batches = []
         for seed in range(args.steps + 1):
             generator = torch.Generator().manual_seed(seed)
@@ -76,7 +85,9 @@ def main() -> None:
 
         def loss_of(network, batch) -> torch.Tensor:
             images, order, targets = batch
-            return F.cross_entropy(network(images, order, num_predict).flatten(0, 1).float(), targets.flatten())
+            with torch.autocast("cpu", torch.bfloat16, enabled=autocast and network is model):  # the engine autocasts itself
+                logits = network(images, order, num_predict)
+            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
         plain = model.to(dtype)
         loss_of(plain, batches[0]).backward()                                       # warm-up
@@ -95,17 +106,20 @@ def main() -> None:
 
         micro_step(batches[0])                                                      # warm-up
         loop_ops = aten_ops(lambda: [micro_step(batch) for batch in batches[1:]], args.steps)
-        step_ops = 0.0
+        step_ops = [0.0, 0.0]
         for batch in batches[1:]:
             engine.backward(loss_of(engine, batch))
-            step_ops += aten_ops(engine.step, args.steps)
+            step_ops = [total + part for total, part in zip(step_ops, aten_ops(engine.step, args.steps))]
         print(json.dumps({"backbone": args.backbone, "depth": args.depth, "width": args.width, "batch": args.batch,
                           "zero_stage": args.zero, "bf16": args.bf16, "grad_clip": args.grad_clip,
                           "optimizer": type(engine.optimizer).__name__,
                           "engine_zero_stage": engine.zero_optimization_stage(),
                           "parameters": sum(1 for p in model.parameters() if p.requires_grad),
-                          "model_ops": model_ops, "loop_ops": loop_ops, "outside_model_ops": loop_ops - model_ops,
-                          "engine_step_ops": step_ops, "machine": describe_cpu(), "torch": torch.__version__}))
+                          "model_ops": model_ops[0], "loop_ops": loop_ops[0],
+                          "outside_model_ops": loop_ops[0] - model_ops[0], "engine_step_ops": step_ops[0],
+                          "model_outermost": model_ops[1], "loop_outermost": loop_ops[1],
+                          "outside_model_outermost": loop_ops[1] - model_ops[1], "engine_step_outermost": step_ops[1],
+                          "machine": describe_cpu(), "torch": torch.__version__}))
     finally:
         teardown()
 

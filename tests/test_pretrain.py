@@ -93,11 +93,12 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tokens, tmp_
     assert metrics["steps"] == 8 and 0 <= metrics["token_accuracy"] <= 1
 
 
-def test_killed_run_resumes_to_the_same_weights(tokens, tmp_path):
+@pytest.mark.parametrize("zero_stage", [1, 0])      # DeepSpeed's ZeRO optimizer; torch's AdamW, fused
+def test_killed_run_resumes_to_the_same_weights(tokens, tmp_path, zero_stage):
     data, token_dir = tokens
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     whole.mkdir(), killed.mkdir()
-    settings = {"epochs": 6, "workers": 1, "checkpoint_every": 3}  # 24 steps, checkpoints every 3
+    settings = {"epochs": 6, "workers": 1, "checkpoint_every": 3, "zero_stage": zero_stage}  # 24 steps, checkpoints every 3
     finish(launch(write_params(whole, data, token_dir, **settings)))
 
     params = write_params(killed, data, token_dir, **settings)
@@ -176,12 +177,13 @@ def test_classification_metrics_on_fixed_logits():
     assert confusion.sum() == 6
 
 
-def test_finetune_then_evaluate_end_to_end(tokens, tmp_path):
+@pytest.mark.parametrize("zero_stage, bf16", [(1, False), (0, True)])     # the demo's and the paper preset's
+def test_finetune_then_evaluate_end_to_end(tokens, tmp_path, zero_stage, bf16):
     data, token_dir = tokens
     params = write_params(tmp_path, data, token_dir)
     config = json.loads(params.read_text())
     config["finetune"] = {"epochs": 1, "batch_size": 16, "micro_batch_size": 8, "lr": 1e-3, "workers": 1,
-                          "checkpoint_every": 2, "out_dir": str(tmp_path / "ft")}
+                          "checkpoint_every": 2, "zero_stage": zero_stage, "bf16": bf16, "out_dir": str(tmp_path / "ft")}
     config["evaluate"] = {"split": "test", "crop_pct": 0.875, "batch_size": 8, "workers": 0,
                           "out_dir": str(tmp_path / "ev")}
     params.write_text(json.dumps(config))

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mapet.engine.optim import warmup_cosine
+from mapet.engine.optim import clip_by_global_norm, warmup_cosine
 from mapet.errors import MapetError
 from mapet.files import write_text
 
@@ -20,28 +20,55 @@ LATEST = "latest"
 
 
 def deepspeed_config(micro: int, accum: int, grad_clip: float, zero_stage: int, bf16: bool) -> dict[str, Any]:
-    """bf16 has fp32's range: no loss scale, and no check of every gradient for inf/NaN before each
-    step (about 2,000 kernel launches and a host sync per step at ViT-B); a non-finite loss stops
-    the run instead (:func:`train_steps`)."""
-    return {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
-            "gradient_clipping": grad_clip, "zero_optimization": {"stage": zero_stage},
-            "bf16": {"enabled": bf16, "check_grad_overflow": False}, "steps_per_print": 10**12}
+    """DeepSpeed's configuration of a loop.
+
+    ZeRO 1 and 2: DeepSpeed's ZeRO optimizer keeps bf16 weights with fp32 masters and clips; bf16
+    has fp32's range, so no loss scale and no check of every gradient for inf/NaN before each step
+    (about 2,000 kernel launches and a host sync per step at ViT-B); a non-finite loss stops the run
+    instead (:func:`train_steps`).
+
+    ZeRO 0: DeepSpeed's data parallelism without ZeRO; the weights stay fp32, bf16 is torch's
+    autocast in the forward, and :func:`make_engine` clips and steps over all gradients at once, so
+    the work outside the model no longer grows with the number of parameter tensors (DeepSpeed's
+    ZeRO optimizer, its bf16 optimizer and its clipping all touch every gradient one by one). The
+    gradients are all-reduced in fp32: autocast's default would send those of Linear and Conv layers
+    in bf16.
+    """
+    config: dict[str, Any] = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
+                              "zero_optimization": {"stage": zero_stage}, "steps_per_print": 10**12}
+    if zero_stage == 0:          # DeepSpeed's own clipping (its default: 1.0) goes one gradient at a time
+        config["gradient_clipping"] = 0.0
+        config["torch_autocast"] = {"enabled": bf16, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    else:
+        config["gradient_clipping"] = grad_clip
+        config["bf16"] = {"enabled": bf16, "check_grad_overflow": False}
+    return config
 
 
 def make_engine(settings, model: torch.nn.Module, groups: list[dict], steps_per_epoch: int, accum: int,
                 device: torch.device):
-    """(DeepSpeed engine, bf16) with AdamW over ``groups`` and the per-step warm-up + cosine."""
+    """(DeepSpeed engine, the dtype of its inputs) with AdamW over ``groups`` and the per-step warm-up
+    + cosine; the inputs are bf16 where DeepSpeed keeps bf16 weights (bf16 with ZeRO 1 or 2). Without
+    ZeRO, AdamW is torch's fused one (one kernel per group), the gradients are clipped by their
+    global norm just before it steps, and a single process skips DeepSpeed's all-reduce (a copy per
+    gradient, for nothing to reduce)."""
     import deepspeed
 
-    optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=tuple(settings.betas))
+    flat = settings.zero_stage == 0
+    optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=tuple(settings.betas), fused=flat)
+    if flat and settings.grad_clip > 0:
+        parameters = [p for group in groups for p in group["params"]]
+        optimizer.register_step_pre_hook(lambda *_: clip_by_global_norm(parameters, settings.grad_clip))
     scheduler = warmup_cosine(optimizer, settings.lr, round(settings.warmup_epochs * steps_per_epoch),
                               settings.epochs * steps_per_epoch, settings.warmup_lr, settings.min_lr)
     bf16 = device.type == "cuda" if settings.bf16 is None else settings.bf16
     config = deepspeed_config(settings.micro_batch_size, accum, settings.grad_clip, settings.zero_stage, bf16)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    if flat and dist.get_world_size() == 1:
+        engine.enable_backward_allreduce = False
     if use_compile(settings.compile, device):
         engine.compile(backend="inductor")      # compiles the module in place: its weight names stay as they are
-    return engine, bf16
+    return engine, torch.bfloat16 if bf16 and not flat else torch.float32
 
 
 def fp32_state_dict(engine) -> dict[str, torch.Tensor]:

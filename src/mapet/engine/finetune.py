@@ -106,7 +106,7 @@ def run_finetune(settings: FinetuneSettings, data: Path, backbone_file: Path | N
             init_head_by_probe(model, data, settings.split, shards, len(classes), progress=progress and rank == 0)
         decay = settings.layer_decay if 0 < settings.layer_decay < 1 else None
         groups = parameter_groups(model, settings.weight_decay, settings.lr, decay, len(model.blocks))
-        engine, bf16 = make_engine(settings, model, groups, steps_per_epoch, accum, device)
+        engine, input_dtype = make_engine(settings, model, groups, steps_per_epoch, accum, device)
         mixup = Mixup(mixup_alpha=settings.mixup, cutmix_alpha=settings.cutmix, label_smoothing=settings.label_smoothing,
                       num_classes=len(classes)) if settings.mixup or settings.cutmix else None
         criterion = SoftTargetCrossEntropy() if mixup else torch.nn.CrossEntropyLoss(
@@ -132,7 +132,7 @@ def run_finetune(settings: FinetuneSettings, data: Path, backbone_file: Path | N
             np.random.seed(seed % 2**32)                                            # timm's Mixup draws from numpy
             if mixup:
                 images, labels = mixup(images, labels)
-            logits = engine(images.to(device, torch.bfloat16 if bf16 else torch.float32))
+            logits = engine(images.to(device, input_dtype))
             loss = criterion(logits.float(), labels.to(device))
             engine.backward(loss)
             engine.step()

@@ -1,4 +1,5 @@
-"""AdamW parameter groups and the warm-up + cosine schedule (METHOD.md section 7)."""
+"""AdamW parameter groups, the warm-up + cosine schedule (METHOD.md section 7) and clipping by the
+global gradient norm."""
 
 from __future__ import annotations
 
@@ -52,3 +53,14 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, base_lr: float, warmup_steps
         return lr / base_lr
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def clip_by_global_norm(parameters: list[nn.Parameter], max_norm: float) -> None:
+    """Scales every gradient by min(1, max_norm / (their global L2 norm + 1e-6)), as torch's and
+    DeepSpeed's clipping do, in five operators whatever the number of tensors (torch's
+    ``clip_grad_norm_`` adds a move of each tensor's norm to one device; DeepSpeed's takes the
+    norms one by one). Returns None, as an optimizer's step pre-hook must."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if grads:
+        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))

@@ -91,8 +91,8 @@ def run_pretrain(settings: PretrainSettings, data: Path, tokens_dir: Path, out: 
         if settings.init:
             init_pretrain_model(model, settings.init)
         num_predict = settings.num_predict or default_num_predict(settings.objective, model.num_patches)
-        engine, bf16 = make_engine(settings, model, parameter_groups(model, settings.weight_decay, settings.lr),
-                                   steps_per_epoch, accum, device)
+        groups = parameter_groups(model, settings.weight_decay, settings.lr)
+        engine, input_dtype = make_engine(settings, model, groups, steps_per_epoch, accum, device)
 
         checkpoints = out / "checkpoints"
         state = resume_state(engine, checkpoints) if resume else None
@@ -122,7 +122,7 @@ def run_pretrain(settings: PretrainSettings, data: Path, tokens_dir: Path, out: 
                 images = decode_center_square(images, image_size, device, settings.color_jitter,
                                               torch.Generator().manual_seed(seed + 2))
             torch.manual_seed(seed + 1)                                             # dropout and drop path
-            images = normalize_batch(images.to(device, non_blocking=True), torch.bfloat16 if bf16 else torch.float32)
+            images = normalize_batch(images.to(device, non_blocking=True), input_dtype)
             logits = engine(images, order.to(device), num_predict)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
             engine.backward(loss)
