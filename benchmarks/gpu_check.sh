@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The GPU checks of the open issues, as one script for a machine with one NVIDIA GPU. It runs the
-# checks named on its command line in that order (default: all, the most important first). Each
+# checks named on its command line (default: step loop profile ceiling compare), always in the
+# order below: the step while the CPUs make the loop's data, then the most important first. Each
 # result lands in $OUT (default /tmp/gpu_check) as soon as it exists, and a check that fails or
 # runs out of time does not stop the next (the lease is short). Numbers go to BENCHMARKS.md with
 # the card's name.
 #   step:    pretrain_step.json: benchmarks/pretrain_step.py --compile, ViT-B/16 at 224, batch 128,
-#            bf16: ViT, MaPeT, PLM, MIM and the token head alone, eager and compiled, interleaved
-#            (STEP_MODELS limits it to some models);
+#            bf16, eager and compiled, interleaved: ViT and STEP_MODELS (default mapet; all of them:
+#            mapet,plm,mim,token_head), the compiled step the loop is measured against;
 #   head:    token_head.json: the token head and its cross-entropy, whole and chunked, beside the
 #            eager MaPeT step;
 #   loop:    pretrain_loop_<decode>_zero<stage>.json: `mapet pretrain` (compile auto = on, bf16,
@@ -17,6 +18,9 @@
 #            the loader, the sampler and DeepSpeed;
 #   profile: profile_<decode>_zero<stage>.json: benchmarks/profile_loop.py on the same runs: wall time
 #            per step, the GPU's busy share, the host operators and kernels that take the most time;
+#   ceiling: ceiling_<mode>_<sdpa>.json: the compiled MaPeT and ViT steps under other torch.compile
+#            modes and attention kernels (CEILING, default: max-autotune-no-cudagraphs:auto
+#            reduce-overhead:auto default:cudnn default:efficient), to see what lifts the step's MFU;
 #   loader:  loader.json: the 224-px input path's images/s per CPU core on this machine, and the
 #            loader cores one GPU needs at the rate of the loop;
 #   compare: compare/results.{json,md}: benchmarks/compare.py --direct on the whole Fashion-MNIST
@@ -41,7 +45,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 WORK=$(mktemp -d)
 LOG=$OUT/log.txt
-CHECKS=${*:-step head loop profile loader compare}
+CHECKS=${*:-step loop profile ceiling compare}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=src:benchmarks${PYTHONPATH:+:$PYTHONPATH}
 if [ -d .whl ] && ! python3 -c "import deepspeed" 2>/dev/null; then
@@ -77,7 +81,7 @@ fi
 
 if wants step; then
   check pretrain_step 300 sh -c "python3 benchmarks/pretrain_step.py --device cuda --compile --steps 15 --warmup 3 \
-    --models ${STEP_MODELS:-vit,mapet,plm,mim,token_head} > '$OUT/pretrain_step.json'"
+    --models ${STEP_MODELS:-mapet} > '$OUT/pretrain_step.json'"
   cat "$OUT/pretrain_step.json" >> "$LOG"
 fi
 
@@ -112,6 +116,16 @@ for run in gpu_zero0 gpu_zero1 cpu_zero0; do
     head -c 600 "$OUT/profile_$run.json" >> "$LOG"
   fi
 done
+
+if wants ceiling; then
+  for variant in ${CEILING:-max-autotune-no-cudagraphs:auto reduce-overhead:auto default:cudnn default:efficient}; do
+    mode=${variant%:*} sdpa=${variant#*:}
+    check "ceiling $mode $sdpa" 240 sh -c "python3 benchmarks/pretrain_step.py --device cuda --compile \
+      --compile-mode $mode $([ "$sdpa" = auto ] || echo "--sdpa $sdpa") --steps 15 --warmup 3 --models mapet \
+      > '$OUT/ceiling_${mode}_$sdpa.json'"
+    cat "$OUT/ceiling_${mode}_$sdpa.json" >> "$LOG"
+  done
+fi
 
 if wants loader; then
   target=$(python3 -c "import json; print(json.load(open('$OUT/pretrain_loop_cpu_zero0.json'))['images_per_s'])" 2>/dev/null \

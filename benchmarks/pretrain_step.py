@@ -4,6 +4,7 @@ plain timm ViT forward+backward on the same backbone and batch, with the FLOP ra
     python benchmarks/pretrain_step.py                  # CPU: ViT-T/16 at 224, batch 16, fp32
     python benchmarks/pretrain_step.py --device cuda    # GPU: ViT-B/16 at 224, batch 128, bf16
     python benchmarks/pretrain_step.py --device cuda --compile   # eager and torch.compile side by side
+    python benchmarks/pretrain_step.py --device cuda --compile --compile-mode max-autotune --sdpa cudnn --models mapet
 
 Prints one JSON line. Steps of all models are interleaved and the median is reported, so that a
 noisy machine slows all of them alike; the ratios are what to compare across machines. With
@@ -13,6 +14,10 @@ noisy machine slows all of them alike; the ratios are what to compare across mac
 ``token_head_chunked`` is the same loss computed a few thousand rows at a time, with the
 gradients taken in the forward pass, so that no (rows x 8192) fp32 logits or gradients are ever
 held whole (the fused linear cross-entropy of Liger and others), to see whether that wins.
+``--compile-mode`` and ``--sdpa`` look for the compiled step's ceiling: torch.compile's mode
+(``max-autotune`` tunes the matrix products and, like ``reduce-overhead``, replays the step as CUDA
+graphs; ``max-autotune-no-cudagraphs`` tunes without them) and the attention kernel that every
+step runs (flash, efficient, cudnn, math; default: PyTorch's choice).
 """
 
 from __future__ import annotations
@@ -73,6 +78,10 @@ class ChunkedTokenLoss(torch.autograd.Function):
         return grad_features * grad_loss, grad_weight * grad_loss, grad_bias * grad_loss, None, None
 
 
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                 "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -82,6 +91,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per model")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model (compilation included)")
     parser.add_argument("--compile", action="store_true", help="also time each model under torch.compile")
+    parser.add_argument("--compile-mode", default="default",
+                        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                        help="torch.compile's mode (with --compile)")
+    parser.add_argument("--sdpa", choices=sorted(SDPA_BACKENDS), help="the attention kernel of every step "
+                        "(default: PyTorch's choice)")
     parser.add_argument("--models", default=",".join(MODELS),
                         help="comma-separated subset to time (default: %(default)s; vit is always timed)")
     args = parser.parse_args()
@@ -131,14 +145,14 @@ def build_steps(args: argparse.Namespace, device: torch.device) -> dict:
         model.to(device).train()
         steps[name] = (model, partial(losses[name], model))
         if args.compile:
-            compiled = torch.compile(model)         # shares the eager model's weights
+            compiled = torch.compile(model, mode=args.compile_mode)         # shares the eager model's weights
             steps[name + "+compile"] = (model, partial(losses[name], compiled))
     return steps
 
 
-def run_step(model, loss_fn, autocast) -> None:
+def run_step(model, loss_fn, autocast, attention=contextlib.nullcontext) -> None:
     model.zero_grad(set_to_none=True)
-    with autocast():
+    with autocast(), attention():
         loss = loss_fn()
     loss.backward()
 
@@ -152,6 +166,7 @@ def main() -> None:
     autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.bf16
                 else contextlib.nullcontext)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    attention = partial(sdpa_kernel, SDPA_BACKENDS[args.sdpa]) if args.sdpa else contextlib.nullcontext
     steps = build_steps(args, device)
 
     flops = {}
@@ -166,7 +181,7 @@ def main() -> None:
 
     for _ in range(args.warmup):
         for model, loss_fn in steps.values():
-            run_step(model, loss_fn, autocast)
+            run_step(model, loss_fn, autocast, attention)
     times = {name: [] for name in steps}
     peak_memory = {}
     for _ in range(args.steps):
@@ -175,7 +190,7 @@ def main() -> None:
                 torch.cuda.reset_peak_memory_stats()
             sync()
             start = time.perf_counter()
-            run_step(model, loss_fn, autocast)
+            run_step(model, loss_fn, autocast, attention)
             sync()
             times[name].append(time.perf_counter() - start)
             if device.type == "cuda":
@@ -189,6 +204,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else describe_cpu(),
         "threads": torch.get_num_threads(),
         "backbone": args.backbone, "batch": args.batch, "dtype": "bf16" if args.bf16 else "fp32",
+        "compile_mode": args.compile_mode if args.compile else None, "sdpa": args.sdpa or "auto",
         "steps": args.steps,
         "seconds_per_step": {name: round(value, 4) for name, value in seconds.items()},
         "images_per_s": {name: round(args.batch / value, 1) for name, value in seconds.items()},
