@@ -5,6 +5,7 @@
     python benchmarks/compare.py --out reports/compare-gpu --set pretrain.max_shards=0 --set pretrain.epochs=10
     python benchmarks/compare.py --report-only          # rebuild the tables from the experiments DVC holds
     python benchmarks/compare.py --seeds 1 2 --merge    # add seeds to the committed tables
+    python benchmarks/compare.py --redraw               # results.md and results.png again, from results.json
     python benchmarks/compare.py --direct /tmp/cmp --data D --tokens T --jobs 4   # no DVC: where it is not installed
 
 Every arm gets the same data, tokens, budget and fine-tuning recipe (the workspace's params.yaml
@@ -221,10 +222,19 @@ def main() -> int:
     parser.add_argument("--tokens", type=Path, help="--direct: its token folder")
     parser.add_argument("--jobs", type=int, default=1, help="--direct: runs at a time, each with the cores / jobs "
                         "CPU threads (OMP_NUM_THREADS, where set, instead)")
+    parser.add_argument("--redraw", action="store_true", help="rewrite OUT/results.md and results.png from "
+                        "OUT/results.json alone (after runs merged by another revision of this script); give the "
+                        "runs' --set again, which the records do not keep")
     parser.add_argument("--merge", action="store_true", help="keep the runs OUT/results.json holds already (other "
                         "seeds, run elsewhere) beside the new ones")
     args = parser.parse_args()
 
+    if args.redraw:
+        if not (args.out / "results.json").is_file():
+            print(f"compare: error: --redraw: no {args.out / 'results.json'}", file=sys.stderr)
+            return 2
+        write_tables(json.loads((args.out / "results.json").read_text()), args)
+        return 0
     runs = [(objective, init, seed) for seed in args.seeds for objective, init in arms(args.objectives)]
     args.code = code_revision()
     if args.merge and (problem := merge_problem(args.out / "results.json", args.code)):

@@ -115,6 +115,12 @@ def test_merge_keeps_the_runs_of_other_seeds(tmp_path):
         picture.load()                                      # decodes whole, not only the header
         assert picture.format == "PNG" and picture.size == (1200, 460)
 
+    report = (tmp_path / "results.md").read_text()
+    (tmp_path / "results.md").unlink(), (tmp_path / "results.png").unlink()
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--redraw", "--out", str(tmp_path)],
+                   check=True, capture_output=True)
+    assert (tmp_path / "results.md").read_text() == report and (tmp_path / "results.png").stat().st_size > 10_000
+
 
 def test_merge_refuses_the_runs_of_other_code_before_running_any(tmp_path):
     from mapet.files import write_json
