@@ -83,15 +83,16 @@ def main() -> None:
             batches.append((torch.randn(args.batch, 3, 224, 224, generator=generator).to(dtype), order,
                             torch.randint(args.vocab, (args.batch, num_predict), generator=generator)))
 
-        def loss_of(network, batch) -> torch.Tensor:
+        def loss_of(network, batch, cast: bool = False) -> torch.Tensor:
+            """``cast``: run ``network`` under bf16 autocast (the plain model; the engine applies its own)."""
             images, order, targets = batch
-            with torch.autocast("cpu", torch.bfloat16, enabled=autocast and network is model):  # the engine autocasts itself
+            with torch.autocast("cpu", torch.bfloat16, enabled=cast):
                 logits = network(images, order, num_predict)
             return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
         plain = model.to(dtype)
-        loss_of(plain, batches[0]).backward()                                       # warm-up
-        model_ops = aten_ops(lambda: [loss_of(plain, batch).backward() for batch in batches[1:]], args.steps)
+        loss_of(plain, batches[0], autocast).backward()                             # warm-up
+        model_ops = aten_ops(lambda: [loss_of(plain, batch, autocast).backward() for batch in batches[1:]], args.steps)
         plain.zero_grad(set_to_none=True)
 
         settings = SimpleNamespace(lr=1.5e-3, betas=(0.9, 0.999), warmup_epochs=0, epochs=1, warmup_lr=1e-6,

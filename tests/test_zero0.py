@@ -40,12 +40,15 @@ def test_clip_by_global_norm_scales_as_torch_does(max_norm):
 @pytest.mark.slow
 def test_zero_0_trains_as_zero_1_on_one_process_and_on_two(tokens, tmp_path):
     data, token_dir = tokens
+    # grad_clip 0.05: a threshold the gradients of a fresh model exceed, so that the steps clip
     runs = {"zero1": ({"zero_stage": 1, "workers": 2}, 1), "zero0": ({"zero_stage": 0, "workers": 2}, 1),
-            "zero0-two-ranks": ({"zero_stage": 0, "workers": 1}, 2)}
+            "zero0-two-ranks": ({"zero_stage": 0, "workers": 1}, 2),
+            "zero0-unclipped": ({"zero_stage": 0, "workers": 2, "grad_clip": 0.0}, 1)}
     for name, (settings, processes) in runs.items():
         (tmp_path / name).mkdir()
-        # a threshold the gradients of a fresh model exceed, so that every step clips
-        finish(launch(write_params(tmp_path / name, data, token_dir, grad_clip=0.05, **settings), processes))
+        finish(launch(write_params(tmp_path / name, data, token_dir, **{"grad_clip": 0.05, **settings}), processes))
+    unclipped = [step["loss"] for step in history(tmp_path / "zero0-unclipped")]
+    assert unclipped != pytest.approx([step["loss"] for step in history(tmp_path / "zero0")], abs=1e-3)  # it clipped
     reference = history(tmp_path / "zero1")
     assert len(reference) == 8 and reference[-1]["loss"] < reference[0]["loss"]
     for name in ("zero0", "zero0-two-ranks"):

@@ -54,9 +54,9 @@ def make_engine(settings, model: torch.nn.Module, groups: list[dict], steps_per_
     gradient, for nothing to reduce)."""
     import deepspeed
 
-    flat = settings.zero_stage == 0
-    optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=tuple(settings.betas), fused=flat)
-    if flat and settings.grad_clip > 0:
+    without_zero = settings.zero_stage == 0
+    optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=tuple(settings.betas), fused=without_zero)
+    if without_zero and settings.grad_clip > 0:      # deepspeed_config leaves clipping to us
         parameters = [p for group in groups for p in group["params"]]
         optimizer.register_step_pre_hook(lambda *_: clip_by_global_norm(parameters, settings.grad_clip))
     scheduler = warmup_cosine(optimizer, settings.lr, round(settings.warmup_epochs * steps_per_epoch),
@@ -64,11 +64,11 @@ def make_engine(settings, model: torch.nn.Module, groups: list[dict], steps_per_
     bf16 = device.type == "cuda" if settings.bf16 is None else settings.bf16
     config = deepspeed_config(settings.micro_batch_size, accum, settings.grad_clip, settings.zero_stage, bf16)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
-    if flat and dist.get_world_size() == 1:
+    if without_zero and dist.get_world_size() == 1:
         engine.enable_backward_allreduce = False
     if use_compile(settings.compile, device):
         engine.compile(backend="inductor")      # compiles the module in place: its weight names stay as they are
-    return engine, torch.bfloat16 if bf16 and not flat else torch.float32
+    return engine, torch.bfloat16 if bf16 and not without_zero else torch.float32
 
 
 def fp32_state_dict(engine) -> dict[str, torch.Tensor]:
