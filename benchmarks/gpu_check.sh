@@ -27,20 +27,14 @@
 #            (60,000 training images), COMPARE_EPOCHS (2) epochs of pre-training and as many of
 #            fine-tuning, mapet, plm, mim and scratch x seeds 0 1 2, COMPARE_JOBS (4: a seed at a
 #            time) runs at once; each stage's time is in the log.
-#            The folders, made once on a CPU machine (the tokens take about 15 minutes on 2 cores):
-#              mkdir -p .gpu/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz .gpu/fashion-mnist/
-#              mapet params --set 'data.max_per_split={}' --set data.dir=/tmp/fm --set \
-#                tokenizer.out_dir=/tmp/fm-tokenizer --set tokenize.out_dir=.gpu/fm-tokens --out /tmp/fm.yaml
-#              for c in "data import" "tokenizer build" tokenize; do mapet $c --params /tmp/fm.yaml; done
-#            and carried to the GPU machine with .whl (both fit in its 64 MiB). The source files come from
-#            FASHION_MNIST (default .gpu/fashion-mnist) and the tokens, made on a CPU machine by
-#            `mapet tokenize` from the same import, from FM_TOKENS (default .gpu/fm-tokens).
-# Where DeepSpeed is not installed, the wheels in .whl/ go to /tmp/site first: deepspeed (built here
-# with `pip wheel --no-deps deepspeed==0.19.8`), timm, hjson, pydantic with its dependencies and
-# faiss-cpu (the token reader imports it), at the versions of requirements.lock.
+#            Its data and tokens come from .gpu/ (FASHION_MNIST, FM_TOKENS), made beforehand on a
+#            CPU machine by `bash benchmarks/gpu_prepare.sh fashion`.
+# Where DeepSpeed is not installed, the wheels in .whl/ (`bash benchmarks/gpu_prepare.sh wheels`)
+# go to /tmp/site first. Both folders are ignored by git: a device run names them in its carry.
 #
 #   bash benchmarks/gpu_check.sh                      # every check
 #   bash benchmarks/gpu_check.sh head loop compare    # these, in this order
+#   BUDGET=540 bash benchmarks/gpu_check.sh step loop profile   # what fits in 9 minutes, in order
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 WORK=$(mktemp -d)
@@ -49,7 +43,7 @@ CHECKS=${*:-step loop profile ceiling compare}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=src:benchmarks${PYTHONPATH:+:$PYTHONPATH}
 if [ -d .whl ] && ! python3 -c "import deepspeed" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
@@ -57,10 +51,17 @@ fi
   nproc; } 2>&1 | tee "$OUT/gpu.txt"
 
 # check NAME SECONDS COMMAND...: runs COMMAND under a time limit, its output to the log without
-# progress bars; the script goes on whatever it returns.
+# progress bars; the script goes on whatever it returns. BUDGET (seconds, from the script's start)
+# shortens the limit to what is left of it and skips a check that would get under 30 s, so that a
+# device call's own limit never cuts the script off with results unwritten.
 check() {
-  local name=$1 limit=$2 started=$SECONDS
+  local name=$1 limit=$2 started=$SECONDS left=$((${BUDGET:-86400} - SECONDS))
   shift 2
+  if [ $left -lt 30 ]; then
+    echo "== $name: skipped, $left s of BUDGET left" | tee -a "$LOG"
+    return
+  fi
+  [ $left -lt "$limit" ] && limit=$left
   echo "== $name: $*" | tee -a "$LOG"
   timeout "$limit" "$@" 2>&1 | tr '\r' '\n' | grep --line-buffered -v "[0-9]s/step\|step/s\|it/s\]\|s/it\]\|batch/s\|img/s\]" | tee -a "$LOG"
   echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - started)) s" | tee -a "$LOG"
