@@ -9,7 +9,7 @@
 #            timm, and faiss-cpu (the token file's reader imports it). About 26 MB, a minute.
 #   fashion: .gpu/, the whole Fashion-MNIST (its four .gz files) and its tokens for the larger-budget
 #            comparison (`gpu_check.sh compare`), made by the demo's tokenizer settings on all 70,000
-#            images. About 32 MB, about 15 minutes on 2 cores.
+#            images. About 32 MB, 3 minutes on 2 cores.
 #
 #   bash benchmarks/gpu_prepare.sh            # both
 #   bash benchmarks/gpu_prepare.sh wheels     # enough for gpu_check.sh step loop profile ceiling
