@@ -21,27 +21,30 @@ for part in $PARTS; do
   [[ $part == wheels || $part == fashion ]] || { echo "gpu_prepare.sh: unknown part '$part' (wheels, fashion)" >&2; exit 2; }
 done
 
-# pinned NAME: NAME==VERSION as requirements.lock pins it (its spelling of - and _ aside).
+# pinned NAME...: each NAME==VERSION as requirements.lock pins it (its spelling of - and _ aside).
 pinned() {
-  local line
-  line=$(grep -i -E "^${1//[-_]/[-_]}==" requirements.lock) || { echo "gpu_prepare.sh: requirements.lock pins no $1" >&2; exit 1; }
-  echo "$line"
+  local name
+  for name; do
+    grep -i -E "^${name//-/[-_]}==" requirements.lock \
+      || { echo "gpu_prepare.sh: requirements.lock pins no $name" >&2; return 1; }
+  done
 }
 
 if [[ " $PARTS " == *" wheels "* ]]; then
+  binaries=$(pinned hjson pydantic pydantic-core annotated-types typing-inspection timm faiss-cpu)
+  deepspeed=$(pinned deepspeed)                                   # a source distribution: built here
   rm -rf .whl.partial && mkdir .whl.partial
+  # shellcheck disable=SC2086 # one requirement per word
   "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-    --platform manylinux2014_x86_64 -d .whl.partial \
-    "$(pinned hjson)" "$(pinned pydantic)" "$(pinned pydantic_core)" "$(pinned annotated-types)" \
-    "$(pinned typing-inspection)" "$(pinned timm)" "$(pinned faiss-cpu)"
-  "$PYTHON" -m pip wheel -q --no-deps -w .whl.partial "$(pinned deepspeed)"
+    --platform manylinux2014_x86_64 -d .whl.partial $binaries
+  "$PYTHON" -m pip wheel -q --no-deps -w .whl.partial "$deepspeed"
   rm -rf .whl && mv .whl.partial .whl
   du -sh .whl
 fi
 
 if [[ " $PARTS " == *" fashion "* ]]; then
-  source=$("$PYTHON" -c "import yaml; print(yaml.safe_load(open('params.yaml'))['data']['source'])")
+  source=$("$PYTHON" -c "from mapet.params import load_params, param; print(param(load_params(), 'data.source'))")
   work=$(mktemp -d)
   trap 'rm -rf "$work"' EXIT
   rm -rf .gpu.partial && mkdir -p .gpu.partial/fashion-mnist
